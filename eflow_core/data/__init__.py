@@ -1,0 +1,1 @@
+"""Data pipeline: batching datasets into latents and conditions; video writers."""

@@ -1,0 +1,1 @@
+"""The VideoDiT: embeddings, blocks, the SPRINT encoder/middle/decoder layout, presets."""

@@ -1,0 +1,56 @@
+"""What an objective plugin implements and returns, and what it declares it costs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Network forward passes per training sample, by kind (expected values over the batch split)."""
+
+    full_grad: float = 0.0  # full path, with gradient
+    full_nograd: float = 0.0  # full path, without gradient (online under no_grad, or EMA)
+    weak: float = 0.0  # weak path (middle stack skipped), without gradient
+
+    def as_dict(self) -> dict[str, float]:
+        return {"full_grad": self.full_grad, "full_nograd": self.full_nograd, "weak": self.weak}
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training is: the objective may schedule on it (SCM's l - t schedule, MVA activation)."""
+
+    step: int  # 0-based optimizer step
+    total_steps: int  # planned run length
+    mva_share: float = 0.0  # fraction of the batch for MVA in the current stage (SFM family only)
+    stage: int = 0  # index of the current stage of the schedule
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to backpropagate plus named float metrics for logging."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class of objective plugins.
+
+    loss(net, batch, info) -> LossOutput, where `net` is an eflow.network.Network (call it like the model:
+    net(x_t, t, s, cond, guidance, path="full"|"weak") -> F, or net.solution(...) -> f = x_t + (s - t) F),
+    `batch` = {"x0": latents [B, C, T, H, W], "cond": Condition} and `info` a StepInfo.
+    """
+
+    #: the sampler `eflow sample` uses by default for runs trained with this objective
+    default_sampler: str = "euler"
+
+    def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+
+    def cost(self, mva_share: float = 0.0) -> ForwardCost:
+        """Expected forward passes per sample (declared, so runs can be compared before they start)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement cost()")

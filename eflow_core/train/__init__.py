@@ -1,0 +1,1 @@
+"""Training: the trainer loop, EMA, stage schedule, checkpoints, metrics, distributed setup."""

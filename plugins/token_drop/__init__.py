@@ -1,0 +1,1 @@
+"""Token-drop strategies (placeholder until implemented)."""
