@@ -37,13 +37,21 @@ class Network:
         if self.drop is None or self.drop.ratio <= 0 or path != "full":
             return None
         grid = self.model.token_grid(x_t.shape)
-        return self.drop.selector.select(grid, x_t.shape[0], self.drop.ratio, self.drop.generator).to(x_t.device)
+        return self.drop.selector.select(grid, x_t.shape[0], self.drop.ratio, self.drop.generator).to(
+            x_t.device
+        )
 
     def _count(self, n: int, path: str, grad: bool) -> None:
         self.counts["weak" if path == "weak" else ("full_grad" if grad else "full_nograd")] += n
 
     def __call__(
-        self, x_t: Tensor, t: Tensor, s: Tensor, cond: Condition, guidance: Tensor | None = None, path: str = "full"
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        s: Tensor,
+        cond: Condition,
+        guidance: Tensor | None = None,
+        path: str = "full",
     ) -> Tensor:
         """F of the online model; gradient flows when torch.is_grad_enabled()."""
         self._count(x_t.shape[0], path, torch.is_grad_enabled())
@@ -51,7 +59,13 @@ class Network:
 
     @torch.no_grad()
     def ema(
-        self, x_t: Tensor, t: Tensor, s: Tensor, cond: Condition, guidance: Tensor | None = None, path: str = "full"
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        s: Tensor,
+        cond: Condition,
+        guidance: Tensor | None = None,
+        path: str = "full",
     ) -> Tensor:
         """F of the EMA model (no gradient); falls back to the online model under no_grad if there is none."""
         model = self.ema_model if self.ema_model is not None else self.model

@@ -1,0 +1,43 @@
+"""The `eflow` command: train, sample, plugins, model info, data preview, plus plugin commands."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from eflow.cli import data_cmd, model_cmd, plugins_cmd, sample, train
+
+app = typer.Typer(
+    name="eflow",
+    help="Train, sample and benchmark efficient few-step video diffusion transformers.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+for module in (train, sample, plugins_cmd, model_cmd, data_cmd):
+    module.register(app)
+
+
+def _plugin_commands() -> None:
+    from eflow.registry import host
+
+    host().call_register_commands(app)
+
+
+_plugin_commands()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="print the version and exit")) -> None:
+    if version:
+        from eflow import __version__
+
+        typer.echo(f"eflow {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

@@ -1,0 +1,103 @@
+"""Build a run's parts from its RunConfig, each through its registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from eflow.config import RunConfig
+from eflow.data.batches import Conditioner
+from eflow.errors import EflowError
+from eflow.registry import get_registry
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> cuda if available else cpu; anything else as given (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EflowError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EflowError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+@dataclass
+class Parts:
+    """The pieces a run is made of (all built from the registries)."""
+
+    dataset: Any
+    autoencoder: Any
+    conditioner: Conditioner
+    model: nn.Module
+    num_classes: int | None
+    latent_shape: tuple[int, int, int, int]  # (c, t, h, w) of one clip's latents
+
+
+def build_dataset(cfg: RunConfig):
+    d = cfg.data
+    return get_registry("dataset").create(
+        d.name, d.frames, d.height, d.width, seed=cfg.train.seed, options=d.options
+    )
+
+
+def build_parts(cfg: RunConfig, *, with_dataset: bool = True) -> Parts:
+    """Dataset, autoencoder, conditioner and model for `cfg` (model on CPU, float32)."""
+    from eflow.model.dit import build_model
+
+    d = cfg.data
+    dataset = build_dataset(cfg) if with_dataset else None
+    autoencoder = get_registry("autoencoder").create(d.autoencoder, options=d.autoencoder_options)
+    text_encoder = None
+    num_classes = None
+    if d.condition == "text":
+        text_encoder = get_registry("text_encoder").create(d.text_encoder, options=d.text_encoder_options)
+    else:
+        if dataset is None:
+            dataset_cls = get_registry("dataset").get(d.name).factory
+            num_classes = getattr(dataset_cls, "num_classes", None)
+        else:
+            num_classes = getattr(dataset, "num_classes", None)
+        if num_classes is None:
+            raise EflowError(f"dataset '{d.name}' has no num_classes; use --condition text")
+    latent_shape = tuple(autoencoder.latent_shape((3, d.frames, d.height, d.width)))
+    model = build_model(
+        cfg.model.preset,
+        attention=cfg.model.attention,
+        attention_options=cfg.model.attention_options,
+        in_channels=latent_shape[0],
+        num_classes=num_classes,
+        text_dim=text_encoder.dim if text_encoder is not None else None,
+        guidance_embed=cfg.model.guidance_embed,
+    )
+    model.token_grid((1, *latent_shape))  # fails early, naming the dimension, if the patch does not divide
+    return Parts(
+        dataset, autoencoder, Conditioner(d.condition, text_encoder), model, num_classes, latent_shape
+    )
+
+
+def validate_plugins(cfg: RunConfig) -> None:
+    """Check every plugin name and options block of `cfg` against the registries before any work starts."""
+    checks = [
+        ("attention", cfg.model.attention, None),
+        ("objective", cfg.objective.name, cfg.objective.options),
+        ("token_drop", cfg.token_drop.name, cfg.token_drop.options),
+        ("dataset", cfg.data.name, cfg.data.options),
+        ("autoencoder", cfg.data.autoencoder, cfg.data.autoencoder_options),
+    ]
+    if cfg.data.condition == "text":
+        checks.append(("text_encoder", cfg.data.text_encoder, cfg.data.text_encoder_options))
+    if cfg.sample.sampler:
+        checks.append(("sampler", cfg.sample.sampler, cfg.sample.sampler_options))
+    for kind, name, options in checks:
+        entry = get_registry(kind).get(name)
+        if options is not None:
+            entry.parse_options(options)
+    attn = get_registry("attention").get(cfg.model.attention)
+    if cfg.model.attention_options:
+        attn.parse_options(cfg.model.attention_options)

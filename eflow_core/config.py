@@ -1,0 +1,257 @@
+"""RunConfig: one pydantic model for a run. Sources, later wins: defaults -> run.toml -> CLI flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from eflow.errors import ConfigError
+from eflow.registry.registry import format_validation_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """The network: a preset from EFlow Table 5 plus the self-attention backend."""
+
+    preset: str = Field("tiny", description="model preset: tiny (CPU), B, XL, XXL, 1.5B (EFlow Table 5)")
+    attention: str = Field("glga", description="self-attention backend (registry 'attention')")
+    attention_options: dict[str, Any] = Field(default_factory=dict, description="options of the backend")
+    guidance_embed: bool = Field(True, description="embed the guidance scale w (EFlow B.1)")
+
+
+DEFAULT_OBJECTIVE = "pdg-sfm"  # the EFlow recipe: PDG-SFM ...
+DEFAULT_OBJECTIVE_OPTIONS = {"mva": True}  # ... with the MVA regularizer
+
+
+class ObjectiveSection(Section):
+    """The training objective (registry 'objective') and its options."""
+
+    name: str = Field(DEFAULT_OBJECTIVE, description="objective: fm, sfm, pdg-sfm, ...")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the objective (e.g. mva = true)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        """Options left out: the EFlow recipe's for the default objective, none for any other."""
+        if isinstance(data, dict) and "options" not in data:
+            name = data.get("name", DEFAULT_OBJECTIVE)
+            data = {**data, "options": dict(DEFAULT_OBJECTIVE_OPTIONS) if name == DEFAULT_OBJECTIVE else {}}
+        return data
+
+
+class Stage(Section):
+    """A stretch of training [start, end) (fractions of the run) with its own token drop and MVA share."""
+
+    start: float = Field(ge=0.0, le=1.0, description="where the stage starts, as a fraction of steps")
+    end: float = Field(ge=0.0, le=1.0, description="where the stage ends, as a fraction of steps")
+    drop_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of tokens the middle stack drops")
+    dense_every: int = Field(0, ge=0, description="one dense (no-drop) step every n steps; 0 = never")
+    mva_share: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the batch trained with MVA")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Stage:
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
+        return self
+
+
+def eflow_stages() -> list[Stage]:
+    """EFlow's Kinetics recipe (C.1): 75% drop, no MVA for 80% of steps; then dense with MVA."""
+    return [
+        Stage(start=0.0, end=0.8, drop_ratio=0.75, mva_share=0.0),
+        Stage(start=0.8, end=1.0, drop_ratio=0.0, mva_share=0.25),
+    ]
+
+
+class TokenDropSection(Section):
+    """Token dropping for the middle stack (registry 'token_drop') and its stage schedule."""
+
+    name: str = Field("sprint", description="token-drop strategy: none, random, sprint")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy")
+    stages: list[Stage] = Field(default_factory=eflow_stages, description="the stage schedule")
+
+    @model_validator(mode="after")
+    def _contiguous(self) -> TokenDropSection:
+        stages = self.stages
+        if not stages:
+            raise ValueError("stages: give at least one stage")
+        if stages[0].start != 0.0:
+            raise ValueError(f"stages[0].start must be 0 (got {stages[0].start})")
+        for i in range(1, len(stages)):
+            prev, cur = stages[i - 1], stages[i]
+            if cur.start < prev.end:
+                raise ValueError(
+                    f"stages[{i}] (start={cur.start}) overlaps stages[{i - 1}] (end={prev.end}); "
+                    "each stage must start where the previous one ends"
+                )
+            if cur.start > prev.end:
+                raise ValueError(
+                    f"gap between stages[{i - 1}].end={prev.end} and stages[{i}].start={cur.start}"
+                )
+        if stages[-1].end != 1.0:
+            raise ValueError(f"stages[-1].end must be 1 (got {stages[-1].end})")
+        return self
+
+    def stage_at(self, step: int, total_steps: int) -> tuple[int, Stage]:
+        """The stage index and stage for an optimizer step."""
+        frac = step / max(total_steps, 1)
+        for i, stage in enumerate(self.stages):
+            if frac < stage.end:
+                return i, stage
+        return len(self.stages) - 1, self.stages[-1]
+
+    def drop_ratio_at(self, step: int, total_steps: int) -> float:
+        """The drop ratio at a step, with the stage's dense interleave applied."""
+        _, stage = self.stage_at(step, total_steps)
+        if stage.dense_every and (step + 1) % stage.dense_every == 0:
+            return 0.0
+        return stage.drop_ratio
+
+
+class DataSection(Section):
+    """Where clips come from and how they become latents and conditions."""
+
+    name: str = Field("shapes", description="dataset (registry 'dataset')")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the dataset")
+    frames: int = Field(8, ge=1, description="frames per clip")
+    height: int = Field(32, ge=1, description="clip height in pixels")
+    width: int = Field(32, ge=1, description="clip width in pixels")
+    autoencoder: str = Field("pixel", description="autoencoder (registry 'autoencoder')")
+    autoencoder_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the autoencoder"
+    )
+    condition: Literal["label", "text"] = Field("label", description="condition on class labels or captions")
+    text_encoder: str = Field("hashed-words", description="text encoder when condition = text")
+    text_encoder_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the text encoder"
+    )
+
+
+class TrainSection(Section):
+    """Optimization and bookkeeping."""
+
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="global batch size (split across ranks)")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (EFlow C.1: constant 1e-4)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+    ema_decay: float = Field(0.999, ge=0, le=1, description="EMA decay (warmed up as (1+n)/(10+n))")
+    seed: int = Field(0, description="seed of everything random in the run")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
+    )
+    out: str = Field("runs/demo", description="run directory")
+    save_every: int = Field(0, ge=0, description="checkpoint every n steps (0 = only at the end)")
+    log_every: int = Field(1, ge=1, description="write metrics every n steps")
+    preview_every: int = Field(
+        0, ge=0, description="write a sample preview every n steps (0 = only at the end)"
+    )
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
+
+
+class SampleSection(Section):
+    """Defaults of `eflow sample` (EFlow B.3: 4 steps, w = 4.0)."""
+
+    sampler: str | None = Field(None, description="sampler; None = the objective's own (euler for fm)")
+    sampler_options: dict[str, Any] = Field(default_factory=dict, description="options of the sampler")
+    steps: int = Field(4, ge=1, description="sampling steps")
+    guidance: float = Field(4.0, ge=0, description="guidance scale w")
+    num: int = Field(8, ge=1, description="videos per call")
+    seed: int = Field(0, description="sampling seed")
+    fps: int = Field(8, ge=1, description="frames per second of written videos")
+
+
+class RunConfig(Section):
+    """Everything that defines a run; written as config.json beside every checkpoint."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    token_drop: TokenDropSection = Field(default_factory=TokenDropSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    sample: SampleSection = Field(default_factory=SampleSection)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge nested dicts; values of `override` win, option dicts merge key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """tree["a"]["b"] = value for "a.b" (creating dicts on the way)."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_value(text: str) -> Any:
+    """A TOML-ish scalar from the command line: numbers, true/false, [lists], else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run.toml, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def build_config(*layers: dict[str, Any], where: str = "run config") -> RunConfig:
+    """Validate defaults <- layers (later wins) into a RunConfig; errors name the dotted field."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, where, RunConfig)) from None
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config.json of a run directory."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a run directory (no config.json); train one with `eflow train --out {run_dir}`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is corrupt (not JSON: {err}); retrain or restore it") from None
+    return build_config(data, where=str(path))

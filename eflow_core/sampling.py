@@ -1,0 +1,87 @@
+"""Sampling driver: noise -> sampler plugin -> latents -> autoencoder -> videos, and the files people look at."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from eflow.condition import Condition
+from eflow.config import RunConfig
+from eflow.data.video_io import write_gif, write_grid_png, write_mp4
+from eflow.errors import EflowError
+from eflow.registry import get_registry
+
+
+def sampler_name(cfg: RunConfig) -> str:
+    """The run's sampler: the configured one, else the one its objective was trained for."""
+    if cfg.sample.sampler:
+        return cfg.sample.sampler
+    entry = get_registry("objective").get(cfg.objective.name)
+    return getattr(entry.factory, "default_sampler", "euler")
+
+
+def sample_labels(num: int, num_classes: int, label: int | None) -> Tensor:
+    """`label` for every video, or the classes in turn."""
+    if label is not None:
+        if not 0 <= label < num_classes:
+            raise EflowError(f"--label {label} is out of range; this run has classes 0..{num_classes - 1}")
+        return torch.full((num,), label, dtype=torch.long)
+    return torch.arange(num) % num_classes
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    autoencoder,
+    cond: Condition,
+    latent_shape: tuple[int, ...],
+    *,
+    sampler: str,
+    sampler_options: dict | None,
+    steps: int,
+    guidance: float,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> Tensor:
+    """Videos [B, C, T, H, W] in [-1, 1] for the conditions `cond` (one video per condition)."""
+    model.eval()
+    impl = get_registry("sampler").create(sampler, options=sampler_options)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn((len(cond), *latent_shape), generator=generator, device=device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else nullcontext()
+    )
+    with autocast:
+        latents = impl.sample(model, noise, cond.to(device), steps, guidance, generator=generator)
+    return autoencoder.decode(latents.float()).clamp(-1, 1).cpu()
+
+
+def tile(videos: Tensor, gutter: int = 2) -> Tensor:
+    """[B, C, T, H, W] -> one mosaic video [C, T, rows*H, cols*W] with white gutters."""
+    b, c, t, h, w = videos.shape
+    cols = min(b, 4)
+    rows = (b + cols - 1) // cols
+    out = videos.new_ones(c, t, rows * (h + gutter) - gutter, cols * (w + gutter) - gutter)
+    for i in range(b):
+        r, k = divmod(i, cols)
+        out[:, :, r * (h + gutter) : r * (h + gutter) + h, k * (w + gutter) : k * (w + gutter) + w] = videos[
+            i
+        ]
+    return out
+
+
+def write_samples(videos: Tensor, out_dir: Path, fps: int, stem: str = "samples") -> dict[str, Path]:
+    """Write the mosaic as mp4 and gif plus a PNG frame grid (one row per video); returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mosaic = tile(videos)
+    paths = {"mp4": out_dir / f"{stem}.mp4", "gif": out_dir / f"{stem}.gif", "png": out_dir / f"{stem}.png"}
+    write_mp4(paths["mp4"], mosaic, fps=fps)
+    write_gif(paths["gif"], mosaic, fps=fps)
+    write_grid_png(paths["png"], videos)
+    return paths

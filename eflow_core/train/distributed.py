@@ -1,0 +1,82 @@
+"""torch.distributed under torchrun: rank/world from the environment, gradient averaging across ranks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device: torch.device) -> World:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a single process needs none."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def average_gradients(model: nn.Module, world: World) -> None:
+    """Data parallel: all-reduce the flattened gradients and divide by the world size.
+
+    Objectives call the model several times per step (full and weak paths, with and without grad), which
+    torch's DDP wrapper does not allow before one backward; averaging after backward is equivalent for
+    the update. Parameters without a gradient on this rank count as zeros, so every rank reduces the same
+    buffer (no hang when the weak path leaves the middle stack unused on one rank).
+    """
+    if world.size == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_parameters(model: nn.Module, world: World) -> None:
+    """Start every rank from rank 0's weights."""
+    if world.size == 1:
+        return
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+def all_mean(value: float, world: World, device: torch.device) -> float:
+    """Mean of a scalar over ranks (for logging)."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world.size
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

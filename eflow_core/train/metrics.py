@@ -1,0 +1,43 @@
+"""metrics.jsonl: one JSON object per logged step, appended and flushed as training goes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            self._truncate_after(resume_step)
+        elif resume_step is None and path.exists():
+            path.unlink()
+        self._file = None
+
+    def _truncate_after(self, step: int) -> None:
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line and json.loads(line).get("step", -1) < step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

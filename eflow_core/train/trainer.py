@@ -1,0 +1,287 @@
+"""The training loop: objective -> backward -> (all-reduce) -> clip -> AdamW -> EMA, with logging and checkpoints."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from eflow.assembly import Parts, build_parts, resolve_device
+from eflow.config import RunConfig
+from eflow.data.batches import StepBatches
+from eflow.data.video_io import write_grid_png
+from eflow.errors import EflowError
+from eflow.network import DropPlan, Network
+from eflow.objective import StepInfo
+from eflow.registry import get_registry
+from eflow.sampling import generate, sample_labels, sampler_name
+from eflow.train import checkpoint
+from eflow.train.distributed import (
+    World,
+    all_mean,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    init_world,
+    shutdown,
+)
+from eflow.train.ema import EMA
+from eflow.train.metrics import MetricsLog
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's step: every random draw in a step derives from it (exact resume)."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail early, and clearly, if the run directory cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise EflowError(
+            f"cannot write to --out {run_dir}: {err.strerror or err}; choose a writable directory"
+        ) from None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last_loss: float
+
+
+class Trainer:
+    """Trains one run as its RunConfig says; `resume` continues the run in cfg.train.out exactly."""
+
+    def __init__(
+        self, cfg: RunConfig, *, resume: bool = False, console: Console | None = None, progress: bool = True
+    ):
+        self.cfg = cfg
+        self.resume = resume
+        self.console = console or Console(stderr=True)
+        self.show_progress = progress
+        self.run_dir = Path(cfg.train.out)
+
+    # ----- setup ---------------------------------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        has_ckpt = (self.run_dir / checkpoint.STATE).exists()
+        if self.resume and not has_ckpt:
+            raise EflowError(
+                f"--resume: {self.run_dir} holds no checkpoint to continue (no {checkpoint.STATE})"
+            )
+        if self.overwrite and has_ckpt:
+            checkpoint.remove_run(self.run_dir)
+        elif not self.resume and has_ckpt:
+            raise EflowError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
+                "or choose another --out"
+            )
+        check_writable(self.run_dir)
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.world: World = init_world(self.device)
+        if self.world.size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if bf16 else "fp32"
+        torch.manual_seed(cfg.train.seed)
+        self.parts: Parts = build_parts(cfg)
+        self.model = self.parts.model.to(self.device)
+        broadcast_parameters(self.model, self.world)
+        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999)
+        )
+        self.objective = get_registry("objective").create(
+            cfg.objective.name, options=cfg.objective.options, total_steps=cfg.train.steps
+        )
+        self.token_drop = get_registry("token_drop").create(
+            cfg.token_drop.name, options=cfg.token_drop.options
+        )
+        self.batches = StepBatches(
+            self.parts.dataset, cfg.train.batch_size, cfg.train.seed, self.world.rank, self.world.size
+        )
+        self.start_step = 0
+        if self.resume:
+            state = checkpoint.load_checkpoint(self.run_dir, model=self.model, ema=self.ema.model)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.ema.updates = int(state["ema_updates"])
+            self.start_step = int(state["step"])
+            if self.start_step >= cfg.train.steps:
+                raise EflowError(
+                    f"{self.run_dir} is already at step {self.start_step} of {cfg.train.steps}; "
+                    "raise --steps to train further"
+                )
+
+    # ----- one step ------------------------------------------------------------------------------
+    def _lr(self, step: int) -> float:
+        warm = self.cfg.train.warmup_steps
+        return self.cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        seed = step_seed(cfg.train.seed, self.world.rank, step)
+        torch.manual_seed(seed)
+        raw = self.batches.get(step)
+        video = raw["video"].to(self.device)
+        with torch.no_grad():
+            x0 = self.parts.autoencoder.encode(video).float()
+        cond = self.parts.conditioner(raw, self.device)
+        stage_index, stage = cfg.token_drop.stage_at(step, cfg.train.steps)
+        ratio = cfg.token_drop.drop_ratio_at(step, cfg.train.steps)
+        drop = (
+            DropPlan(self.token_drop, ratio, torch.Generator().manual_seed(seed + 1)) if ratio > 0 else None
+        )
+        net = Network(self.model, self.ema.model, drop)
+        info = StepInfo(step=step, total_steps=cfg.train.steps, mva_share=stage.mva_share, stage=stage_index)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        self.model.train()
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
+            else nullcontext()
+        )
+        with autocast:
+            out = self.objective.loss(net, {"x0": x0, "cond": cond}, info)
+        if not torch.isfinite(out.loss):
+            raise EflowError(f"loss is {out.loss.item()} at step {step}; lower --lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        average_gradients(self.model, self.world)
+        clip = cfg.train.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.ema.update(self.model)
+        batch = x0.shape[0]
+        record = {
+            "loss": all_mean(out.loss.item(), self.world, self.device),
+            "grad_norm": float(grad_norm),
+            "lr": self._lr(step),
+            "drop_ratio": ratio,
+            "stage": stage_index,
+            "mva_share": stage.mva_share,
+        }
+        record.update({k: float(v) for k, v in out.metrics.items()})
+        record.update({f"passes/{k}": v / batch for k, v in net.counts.items()})
+        return record
+
+    # ----- outputs -------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        if not self.world.is_main:
+            return
+        state = {"step": step, "optimizer": self.optimizer.state_dict(), "ema_updates": self.ema.updates}
+        checkpoint.save_checkpoint(
+            self.run_dir, config_json=self.cfg.to_json(), model=self.model, ema=self.ema.model, state=state
+        )
+
+    def preview(self, step: int) -> Path | None:
+        """A PNG frame grid of EMA samples (one row per class) under samples/."""
+        if not self.world.is_main:
+            return None
+        cfg = self.cfg
+        num = min(cfg.sample.num, 8)
+        if self.parts.num_classes is not None:
+            from eflow.condition import Condition
+
+            cond = Condition(labels=sample_labels(num, self.parts.num_classes, None))
+        else:
+            captions = [self.parts.dataset[i]["caption"] for i in range(num)]
+            cond = self.parts.conditioner.captions(captions, self.device)
+        videos = generate(
+            self.ema.model,
+            self.parts.autoencoder,
+            cond,
+            self.parts.latent_shape,
+            sampler=sampler_name(cfg),
+            sampler_options=cfg.sample.sampler_options,
+            steps=cfg.sample.steps,
+            guidance=cfg.sample.guidance,
+            seed=cfg.sample.seed,
+            device=self.device,
+            precision=self.precision,
+        )
+        path = self.run_dir / "samples" / f"step_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_grid_png(path, videos)
+        return path
+
+    # ----- the loop ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self._check_run_dir()
+        self._setup()
+        cfg, main = self.cfg, self.world.is_main
+        if main:
+            (self.run_dir / checkpoint.CONFIG).write_text(cfg.to_json())
+        log = (
+            MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if self.resume else None)
+            if main
+            else None
+        )
+        total = cfg.train.steps
+        step = self.start_step
+        last_loss = float("nan")
+        progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not (main and self.show_progress),
+        )
+        try:
+            with progress:
+                task = progress.add_task("train", total=total, completed=step, info="")
+                t_last = time.perf_counter()
+                for step in range(self.start_step, total):
+                    record = self.train_step(step)
+                    last_loss = record["loss"]
+                    now = time.perf_counter()
+                    record.update(step=step, it_s=1.0 / max(now - t_last, 1e-9))
+                    t_last = now
+                    done = step + 1
+                    if log is not None and (step % cfg.train.log_every == 0 or done == total):
+                        log.write(record)
+                    progress.update(
+                        task,
+                        completed=done,
+                        info=f"loss {last_loss:.4f}  {record['it_s']:.2f} it/s  stage {record['stage']} "
+                        f"(drop {record['drop_ratio']:.2f}, mva {record['mva_share']:.2f})",
+                    )
+                    if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
+                        self.save(done)
+                    if cfg.train.preview_every and done % cfg.train.preview_every == 0 and done < total:
+                        self.preview(done)
+                step = total
+        except KeyboardInterrupt:
+            if main and step > self.start_step:
+                self.save(step)
+            raise EflowError(
+                f"interrupted; saved the run at step {step} in {self.run_dir}; continue with --resume"
+            ) from None
+        finally:
+            if log is not None:
+                log.close()
+        self.save(total)
+        if main:
+            self.preview(total)
+        barrier(self.world)
+        shutdown(self.world)
+        return TrainResult(self.run_dir, total, last_loss)
