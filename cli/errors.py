@@ -10,7 +10,7 @@ from rich.console import Console
 
 from eflow.errors import EflowError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager

@@ -57,14 +57,16 @@ def build_parts(cfg: RunConfig, *, with_dataset: bool = True) -> Parts:
     num_classes = None
     if d.condition == "text":
         text_encoder = get_registry("text_encoder").create(d.text_encoder, options=d.text_encoder_options)
-    else:
-        if dataset is None:
-            dataset_cls = get_registry("dataset").get(d.name).factory
-            num_classes = getattr(dataset_cls, "num_classes", None)
-        else:
-            num_classes = getattr(dataset, "num_classes", None)
+    elif dataset is not None:
+        num_classes = getattr(dataset, "num_classes", None)
         if num_classes is None:
-            raise EflowError(f"dataset '{d.name}' has no num_classes; use --condition text")
+            raise EflowError(f"dataset '{d.name}' has no class labels (num_classes); use --condition text")
+        if d.num_classes is not None and d.num_classes != num_classes:
+            raise EflowError(f"data.num_classes={d.num_classes} but dataset '{d.name}' has {num_classes} classes")
+    else:
+        num_classes = d.num_classes
+        if num_classes is None:
+            raise EflowError("the run's config.json has no data.num_classes; was it written by `eflow train`?")
     latent_shape = tuple(autoencoder.latent_shape((3, d.frames, d.height, d.width)))
     model = build_model(
         cfg.model.preset,

@@ -135,6 +135,7 @@ class DataSection(Section):
         default_factory=dict, description="options of the autoencoder"
     )
     condition: Literal["label", "text"] = Field("label", description="condition on class labels or captions")
+    num_classes: int | None = Field(None, ge=1, description="classes of the dataset (resolved at train time)")
     text_encoder: str = Field("hashed-words", description="text encoder when condition = text")
     text_encoder_options: dict[str, Any] = Field(
         default_factory=dict, description="options of the text encoder"

@@ -63,10 +63,19 @@ class Trainer:
     """Trains one run as its RunConfig says; `resume` continues the run in cfg.train.out exactly."""
 
     def __init__(
-        self, cfg: RunConfig, *, resume: bool = False, console: Console | None = None, progress: bool = True
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        console: Console | None = None,
+        progress: bool = True,
     ):
+        if resume and overwrite:
+            raise EflowError("--resume and --overwrite contradict each other; pass one")
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
         self.console = console or Console(stderr=True)
         self.show_progress = progress
         self.run_dir = Path(cfg.train.out)
@@ -100,6 +109,8 @@ class Trainer:
         self.precision = "bf16" if bf16 else "fp32"
         torch.manual_seed(cfg.train.seed)
         self.parts: Parts = build_parts(cfg)
+        if self.parts.num_classes is not None:
+            cfg.data.num_classes = self.parts.num_classes  # resolved: sampling needs no dataset
         self.model = self.parts.model.to(self.device)
         broadcast_parameters(self.model, self.world)
         self.ema = EMA(self.model, cfg.train.ema_decay)

@@ -1,0 +1,124 @@
+"""The CLI end to end, and one clear message (no traceback) for each kind of bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from eflow.cli.app import app
+from eflow.data.video_io import read_video
+
+runner = CliRunner()
+TINY = ["--frames", "4", "--size", "8", "--batch-size", "2", "--device", "cpu", "--set", "train.preview_every=0"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run("train", "--objective", "pdg-sfm", "--mva", "--steps", 3, "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    for name in ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl"):
+        assert (trained_run / name).is_file(), name
+    cfg = json.loads((trained_run / "config.json").read_text())
+    assert cfg["objective"] == {"name": "pdg-sfm", "options": {"mva": True}}
+    assert cfg["data"]["num_classes"] >= 8
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sample_writes_a_video_that_decodes_with_the_right_frame_count(trained_run, tmp_path, steps):
+    result = run("sample", trained_run, "--steps", steps, "--num", 3, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "'solution'" in result.output  # the SFM family samples with the solution map
+    frames = read_video(tmp_path / "samples.mp4")
+    assert frames.shape[0] == 4
+    assert (tmp_path / "samples.gif").is_file() and (tmp_path / "samples.png").is_file()
+
+
+def test_plugins_lists_the_builtins_with_their_owner():
+    result = run("plugins", "--json")
+    assert result.exit_code == 0
+    rows = {(r["kind"], r["name"]): r for r in json.loads(result.stdout)}
+    assert rows[("attention", "glga")]["plugin"] == "glga"
+    assert ("objective", "pdg-sfm") in rows and ("token_drop", "sprint") in rows
+
+
+def test_model_info_xl_softmax_is_within_ten_percent_of_table_2():
+    result = run("model", "info", "--preset", "XL", "--attn", "softmax", "--json")
+    assert result.exit_code == 0, result.output
+    total = json.loads(result.stdout)["parameters"]["total"]
+    assert abs(total - 457e6) / 457e6 < 0.10, total
+
+
+def test_unknown_plugin_name_lists_the_choices(tmp_path):
+    result = run("train", "--attn", "nope", "--out", tmp_path / "r", *TINY)
+    assert_clean_error(result, "unknown attention 'nope'", "glga", "softmax")
+    assert not (tmp_path / "r").exists()  # nothing written half-way
+
+
+def test_config_file_typo_names_the_field(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nstepz = 3\n")
+    assert_clean_error(run("train", "--config", config, *TINY), "train.stepz: unknown field", "steps")
+
+
+def test_missing_config_file(tmp_path):
+    assert_clean_error(run("train", "--config", tmp_path / "nope.toml"), "config file not found")
+
+
+def test_overlapping_stages_name_the_fields(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        "[[token_drop.stages]]\nstart = 0.0\nend = 0.8\n[[token_drop.stages]]\nstart = 0.5\nend = 1.0\n"
+    )
+    assert_clean_error(run("train", "--config", config, *TINY), "stages[1]", "overlaps stages[0]")
+
+
+def test_mva_with_fm_is_refused():
+    assert_clean_error(run("train", "--objective", "fm", "--mva", *TINY), "mva", "sfm, pdg-sfm")
+
+
+def test_frames_not_divisible_by_the_patch(tmp_path):
+    result = run("train", "--out", tmp_path / "r", *TINY, "--size", "9")
+    assert_clean_error(result, "not divisible by the patch")
+
+
+def test_sample_from_a_missing_or_corrupt_run_directory(tmp_path):
+    assert_clean_error(run("sample", tmp_path / "nope"), "run directory not found")
+    (tmp_path / "bad").mkdir()
+    assert_clean_error(run("sample", tmp_path / "bad"), "not a run directory")
+    (tmp_path / "bad" / "config.json").write_text("{ not json")
+    assert_clean_error(run("sample", tmp_path / "bad"), "corrupt")
+
+
+def test_sample_with_corrupt_weights(trained_run, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((trained_run / "config.json").read_text())
+    (broken / "ema.safetensors").write_bytes(b"garbage")
+    assert_clean_error(run("sample", broken), "corrupt")
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    assert_clean_error(run("train", "--out", blocker / "run", *TINY), "cannot write to --out")
+
+
+def test_bad_size_and_bad_override():
+    assert_clean_error(run("train", "--size", "big", *TINY[:2]), "--size 'big'")
+    assert_clean_error(run("train", "--set", "train.steps", *TINY[:2]), "expected KEY=VALUE")
