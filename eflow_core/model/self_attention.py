@@ -1,0 +1,59 @@
+"""The shared frame of every self-attention backend: QKV, QK RMSNorm, heads, RoPE, output projection."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eflow.model.rope import apply_rope
+from eflow.model.tokens import TokenContext
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm in the input's dtype (weight cast), so bf16 activations under autocast take the fused kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the kept tokens; subclasses implement `attend`.
+
+    forward(x, ctx): qkv = Linear(D, 3D)(x); RMSNorm over the full D of q and of k (Wan-style);
+    split into H heads; RoPE on q and k; o = attend(q, k, v, ctx, x); y = Linear(D, D)(o).
+    A backend that needs q, k before RoPE (Sana applies ReLU first) sets `rotate_qk = False`
+    and calls `apply_rope(., ctx.rope)` itself.
+    """
+
+    rotate_qk: bool = True  # apply RoPE to q and k before `attend`
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm_q = RMSNorm(dim, eps=1e-6)
+        self.norm_k = RMSNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, ctx: TokenContext) -> Tensor:
+        q, k, v = self.project(x, ctx)  # [B, M, H, d] each
+        o = self.attend(q, k, v, ctx, x)  # [B, M, H, d]
+        return self.proj(o.flatten(2))  # [B, M, D]
+
+    def project(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, M, D] -> q, k, v [B, M, H, d], QK-normed, q and k rotated when `rotate_qk`."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, M, D] each
+        q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in (q, k, v))
+        if self.rotate_qk:
+            q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
+        """Mix values: q, k, v [B, M, H, d] (x [B, M, D] for gates) -> [B, M, H, d]. The backend's seam."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}"

@@ -1,0 +1,190 @@
+"""GLGA: Gated Local-Global Attention (EFlow 4.1).
+
+Shared projections (see SelfAttention): Q = RoPE(RMSNorm(X W_q)), K = RoPE(RMSNorm(X W_k)), V = X W_v,
+split into H heads of size d. n_i is the raster index of token i on the full (T', H', W') grid.
+
+    (5) O_global = RMSNorm_d( Q (K^T V) )                        per head; K^T V is a d x d summary, in fp32
+    (6) O_local,i = RMSNorm_d( softmax(q_i K_W(i)^T / sqrt(d)) V_W(i) ),
+        W(i) = { kept j : |n_i - n_j| <= r },  r = (m H' W') // 2
+    (7) [g_global, g_local] = sigmoid(X W_g),  W_g in R^{D x 2}  (R^{D x 2H} with gate_per_head)
+    (8) O = g_global * O_global + g_local * O_local,  Y = O W_o
+
+RMSNorm_d normalizes each head's d channels (weight of size d shared by the heads), so one head's
+scale cannot squash the others. The window is defined on original raster indices: with dropped tokens
+W(i) simply holds fewer keys, and the operation is otherwise unchanged. No convolutions anywhere.
+
+Local-branch implementations: "reference" builds the M x M band mask and calls SDPA (fine on CPU);
+"flex" runs flex_attention with a band mask_mod read through the raster indices; on CUDA both the
+block mask (create_block_mask compiled) and flex_attention are compiled, so no M x M tensor exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from eflow.model.self_attention import RMSNorm, SelfAttention
+from eflow.model.tokens import TokenContext
+from eflow.registry import hookimpl
+
+
+class GLGAOptions(BaseModel):
+    """Options of the glga attention backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_frames: int = Field(
+        4, ge=1, description="m: the local window spans m latent frames, |W| = m * H' * W' raster positions."
+    )
+    branches: Literal["gated", "sum", "linear", "window"] = Field(
+        "gated",
+        description="Table 3 ablation: gated sum (GLGA), plain sum, linear (global) only, window (local) only.",
+    )
+    gate_per_head: bool = Field(
+        False, description="Gate each head separately: W_g is D x 2H instead of D x 2."
+    )
+    impl: Literal["auto", "reference", "flex"] = Field(
+        "auto",
+        description="Local branch: 'reference' (dense masked SDPA), 'flex' (band flex_attention), "
+        "'auto' (flex on CUDA, reference on CPU). flex on CPU runs eagerly, forward only (tests).",
+    )
+
+
+def window_radius(grid: tuple[int, int, int], window_frames: int) -> int:
+    """r = (m * H' * W') // 2: token i sees raster positions [n_i - r, n_i + r]."""
+    return (window_frames * grid[1] * grid[2]) // 2
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Denominator-free Q (K^T V) per head, [B, M, H, d] -> [B, M, H, d] in fp32 (fp64 stays fp64)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        summary = torch.einsum("bmhd,bmhe->bhde", k, v)  # [B, H, d, d]
+        return torch.einsum("bmhd,bhde->bmhe", q, summary)  # [B, M, H, d]
+
+
+def local_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor, radius: int) -> Tensor:
+    """Band softmax through an explicit [B, 1, M, M] mask on raster indices: [B, M, H, d]."""
+    mask = (index[:, :, None] - index[:, None, :]).abs() <= radius  # [B, M, M]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once per process (torch.compile re-specializes per shape)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _create_block_mask_compiled(*args, **kwargs) -> BlockMask:
+    """create_block_mask traced by torch.compile, so the M x M mask is never materialized."""
+    if "_compile" in inspect.signature(create_block_mask).parameters:
+        with warnings.catch_warnings():  # newer torch deprecates the flag in favour of torch.compile
+            warnings.filterwarnings("ignore", message="_compile flag", category=DeprecationWarning)
+            return create_block_mask(*args, **kwargs, _compile=True)
+    return torch.compile(create_block_mask)(*args, **kwargs)
+
+
+_last_block_mask: tuple | None = None  # (index, index._version, radius, BlockMask): blocks share ctx.index
+
+
+def band_block_mask(index: Tensor, radius: int) -> BlockMask:
+    """Block mask of |index[b, q] - index[b, kv]| <= radius, reused while the same index tensor comes back."""
+    global _last_block_mask
+    cached = _last_block_mask
+    if cached is not None and cached[0] is index and cached[1] == index._version and cached[2] == radius:
+        return cached[3]
+
+    def band(b, h, q_idx, kv_idx):
+        return (index[b, q_idx] - index[b, kv_idx]).abs() <= radius
+
+    batch, m = index.shape
+    if index.is_cuda:
+        block_mask = _create_block_mask_compiled(band, batch, None, m, m, device=index.device)
+    else:
+        block_mask = create_block_mask(band, batch, None, m, m, device=index.device)
+    _last_block_mask = (index, index._version, radius, block_mask)
+    return block_mask
+
+
+def local_attention_flex(q: Tensor, k: Tensor, v: Tensor, index: Tensor, radius: int) -> Tensor:
+    """Band softmax with flex_attention (compiled on CUDA, eager on CPU): [B, M, H, d]."""
+    block_mask = band_block_mask(index, radius)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
+    if q.is_cuda:
+        o = _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    else:
+        with warnings.catch_warnings():  # eager flex on CPU is the test path; its unfused warning is moot
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            o = flex_attention(q, k, v, block_mask=block_mask)
+    return o.transpose(1, 2)
+
+
+class GLGAttention(SelfAttention):
+    """Gated sum of a global linear-attention branch and a local sliding-window softmax branch."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_frames: int = 4,
+        branches: Literal["gated", "sum", "linear", "window"] = "gated",
+        gate_per_head: bool = False,
+        impl: Literal["auto", "reference", "flex"] = "auto",
+    ):
+        super().__init__(dim, num_heads)
+        opts = GLGAOptions(
+            window_frames=window_frames, branches=branches, gate_per_head=gate_per_head, impl=impl
+        )
+        self.window_frames, self.branches, self.impl = opts.window_frames, opts.branches, opts.impl
+        self.use_global = opts.branches in ("gated", "sum", "linear")
+        self.use_local = opts.branches in ("gated", "sum", "window")
+        self.norm_global = RMSNorm(self.head_dim, eps=1e-6) if self.use_global else None
+        self.norm_local = RMSNorm(self.head_dim, eps=1e-6) if self.use_local else None
+        self.gate = (
+            nn.Linear(dim, 2 * (num_heads if gate_per_head else 1)) if opts.branches == "gated" else None
+        )
+
+    def global_branch(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """(5): RMSNorm(Q (K^T V)), product and norm in fp32: [B, M, H, d]."""
+        return self.norm_global(linear_attention(q, k, v)).to(v.dtype)
+
+    def local_branch(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext) -> Tensor:
+        """(6): RMSNorm(band softmax over original raster indices): [B, M, H, d]."""
+        radius = window_radius(ctx.grid, self.window_frames)
+        impl = ("flex" if q.is_cuda else "reference") if self.impl == "auto" else self.impl
+        local = local_attention_flex if impl == "flex" else local_attention_reference
+        return self.norm_local(local(q, k, v, ctx.index, radius))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
+        if self.branches == "linear":
+            return self.global_branch(q, k, v)
+        if self.branches == "window":
+            return self.local_branch(q, k, v, ctx)
+        o_global, o_local = self.global_branch(q, k, v), self.local_branch(q, k, v, ctx)
+        if self.branches == "sum":
+            return o_global + o_local
+        g = torch.sigmoid(self.gate(x)).unflatten(-1, (2, -1))[..., None]  # [B, M, 2, 1 or H, 1]
+        return g[:, :, 0] * o_global + g[:, :, 1] * o_local  # (7), (8)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window_frames={self.window_frames}, branches={self.branches}, impl={self.impl}"
+
+
+@hookimpl
+def register_attention(register):
+    register(
+        "glga",
+        GLGAttention,
+        summary="Gated Local-Global Attention (EFlow): linear global + sliding-window softmax, gated; droppable.",
+        options=GLGAOptions,
+    )

@@ -1,0 +1,54 @@
+"""Full softmax self-attention (the Wan 2.1 baseline) through SDPA, cuDNN first on CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from eflow.model.self_attention import SelfAttention
+from eflow.model.tokens import TokenContext
+from eflow.registry import hookimpl
+
+# On H100, cuDNN ~590 TF/s vs flash ~350 (notes/gpu-anchors.md); math is the last resort (e.g. fp64).
+CUDA_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+_HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
+
+
+def cuda_sdpa_backends():
+    """Context preferring cuDNN > flash > efficient > math (older torch: enable them, default order)."""
+    if _HAS_PRIORITY:
+        return sdpa_kernel(CUDA_BACKENDS, set_priority=True)
+    return sdpa_kernel(CUDA_BACKENDS)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """SDPA on [B, M, H, d] tensors (cuDNN first on CUDA) -> [B, M, H, d]."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
+    with cuda_sdpa_backends() if q.is_cuda else contextlib.nullcontext():
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return o.transpose(1, 2)  # [B, M, H, d]
+
+
+class SoftmaxAttention(SelfAttention):
+    """Full softmax attention over the kept tokens; dropping needs no special care."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
+        return sdpa(q, k, v)
+
+
+@hookimpl
+def register_attention(register):
+    register(
+        "softmax",
+        SoftmaxAttention,
+        summary="Full softmax attention (Wan 2.1 baseline): SDPA, cuDNN > flash > efficient on CUDA.",
+    )

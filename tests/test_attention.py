@@ -1,0 +1,284 @@
+"""Self-attention backends against the readable references in eflow.model.attention_reference.
+
+Every registered attention backend is checked against a reference of its `attend` step, the part
+after the shared projection, QK norm and RoPE: reference(module, q, k, v, ctx, x) -> [B, M, H, d].
+A backend provides it in REFERENCES below, or as a method `reference(q, k, v, ctx, x)` on its module
+class (handy for third-party backends); a registered backend with neither fails the test. The test
+builds q, k, v with the module's own `project` and applies its `proj`, so backends subclass SelfAttention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eflow.model.attention_reference import dense_attention, linear_attention_reference, window_mask
+from eflow.model.rope import rope_table
+from eflow.model.tokens import TokenContext
+from eflow.plugins.attention.glga import (
+    GLGAOptions,
+    GLGAttention,
+    band_block_mask,
+    linear_attention,
+    local_attention_flex,
+    window_radius,
+)
+from eflow.registry import get_registry
+
+GRID = (6, 3, 4)  # N = 72; glga's default 4-frame window: radius 24, so the band really restricts
+DIM, HEADS, BATCH = 32, 2, 2
+
+
+def rms(x, weight, eps=1e-6):
+    """RMSNorm over the last dim, written out."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rel_err(a, b):
+    """Relative Frobenius error ||a - b|| / ||b||, in fp64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def softmax_reference(module, q, k, v, ctx, x):
+    return dense_attention(q, k, v)  # every kept token sees every kept token
+
+
+def glga_reference(module, q, k, v, ctx, x):
+    """Eqs. (5)-(8) from the reference pieces; the window on the tokens' original raster indices."""
+    o_global = rms(linear_attention_reference(q, k, v), module.norm_global.weight) if module.use_global else 0
+    if module.use_local:
+        mask = window_mask(ctx.index, window_radius(ctx.grid, module.window_frames))
+        o_local = rms(dense_attention(q, k, v, mask), module.norm_local.weight)
+    if module.branches == "linear":
+        return o_global
+    if module.branches == "window":
+        return o_local
+    if module.branches == "sum":
+        return o_global + o_local
+    g = torch.sigmoid(x @ module.gate.weight.T + module.gate.bias)  # [B, M, 2] or [B, M, 2H]
+    g = g.unflatten(-1, (2, -1))[..., None]  # [B, M, 2, 1 or H, 1]
+    return g[:, :, 0] * o_global + g[:, :, 1] * o_local
+
+
+REFERENCES = {"softmax": softmax_reference, "glga": glga_reference}
+
+
+def make_ctx(grid=GRID, batch=BATCH, keep=None, head_dim=DIM // HEADS, seed=0, device="cpu"):
+    """Dense context, or one keeping `keep` random tokens per sample (sorted raster indices)."""
+    table = rope_table(grid, head_dim, device=device)
+    dense = TokenContext.dense(grid, batch, table)
+    if keep is None:
+        return dense
+    g = torch.Generator().manual_seed(seed)
+    n = dense.num_tokens
+    index = torch.stack([torch.randperm(n, generator=g)[:keep].sort().values for _ in range(batch)])
+    return dense.select(index.to(device), table)
+
+
+def perturbed(module, seed=0):
+    """Random weights everywhere (norm weights too), so a misplaced norm or gate shows; fp64."""
+    torch.manual_seed(seed)
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return module
+
+
+def check_against_reference(module, ctx, reference, seed=1, atol=1e-9):
+    torch.manual_seed(seed)
+    x = torch.randn(ctx.index.shape[0], ctx.index.shape[1], DIM, dtype=torch.float64)
+    y = module(x, ctx)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    with torch.no_grad():
+        q, k, v = module.project(x, ctx)
+        y_ref = module.proj(reference(module, q, k, v, ctx, x).flatten(2))
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=1e-7)
+
+
+# ----- every registered backend ---------------------------------------------------------------------
+ATTENTION_NAMES = get_registry("attention").names()
+
+
+def test_builtin_backends_are_registered():
+    assert {"softmax", "glga"} <= set(ATTENTION_NAMES)
+
+
+@pytest.mark.parametrize("dropped", [False, True], ids=["dense", "dropped"])
+@pytest.mark.parametrize("name", ATTENTION_NAMES)
+def test_backend_matches_reference(name, dropped):
+    module = perturbed(get_registry("attention").create(name, DIM, HEADS))
+    reference = REFERENCES.get(name)
+    if reference is None:
+        if not hasattr(module, "reference"):
+            pytest.fail(f"attention '{name}' has no reference: add it to REFERENCES or define .reference()")
+        reference = lambda m, *args: m.reference(*args)  # noqa: E731
+    ctx = make_ctx(keep=30 if dropped else None)
+    assert ctx.dropped == dropped
+    check_against_reference(module, ctx, reference)
+
+
+# ----- glga ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gate_per_head", [False, True])
+@pytest.mark.parametrize("branches", ["gated", "sum", "linear", "window"])
+def test_glga_options_match_reference(branches, gate_per_head):
+    module = perturbed(
+        GLGAttention(DIM, HEADS, window_frames=2, branches=branches, gate_per_head=gate_per_head)
+    )
+    check_against_reference(module, make_ctx(keep=40), glga_reference)
+
+
+def test_glga_on_kept_tokens_equals_dense_grid_without_dropped_keys():
+    """Dropping tokens = the dense-grid operation with dropped tokens removed as keys (window on raster)."""
+    module = perturbed(GLGAttention(DIM, HEADS, window_frames=2))
+    dense, kept = make_ctx(), make_ctx(keep=30)
+    torch.manual_seed(2)
+    x_dense = torch.randn(BATCH, dense.num_tokens, DIM, dtype=torch.float64)
+    x_kept = kept.gather(x_dense)
+    y_kept = module(x_kept, kept)
+    with torch.no_grad():  # the dense grid: every token's query, only kept tokens as keys
+        q, k, v = module.project(x_dense, dense)
+        is_kept = torch.zeros(BATCH, dense.num_tokens, dtype=torch.bool).scatter(1, kept.index, True)
+        radius = window_radius(dense.grid, module.window_frames)
+        o_local = dense_attention(q, k, v, window_mask(dense.index, radius) & is_kept[:, None, :])
+        o_global = linear_attention_reference(q, k * is_kept[:, :, None, None], v)
+        g = torch.sigmoid(module.gate(x_dense))[..., None, None]  # [B, N, 2, 1, 1]
+        o = g[:, :, 0] * rms(o_global, module.norm_global.weight) + g[:, :, 1] * rms(
+            o_local, module.norm_local.weight
+        )
+        y_dense = kept.gather(module.proj(o.flatten(2)))
+    torch.testing.assert_close(y_kept, y_dense, atol=1e-9, rtol=1e-7)
+
+
+def test_window_on_compacted_positions_would_be_wrong():
+    """The invariant has teeth: a band over positions 0..M-1 of the kept tokens gives another result."""
+    module = perturbed(GLGAttention(DIM, HEADS, window_frames=2, branches="window"))
+    ctx = make_ctx(keep=30)
+    radius = window_radius(ctx.grid, module.window_frames)
+    compacted = torch.arange(30).expand(BATCH, 30)
+    assert not torch.equal(window_mask(ctx.index, radius), window_mask(compacted, radius))
+    torch.manual_seed(3)
+    x = torch.randn(BATCH, 30, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v = module.project(x, ctx)
+        y = module.attend(q, k, v, ctx, x)
+        right = rms(dense_attention(q, k, v, window_mask(ctx.index, radius)), module.norm_local.weight)
+        wrong = rms(dense_attention(q, k, v, window_mask(compacted, radius)), module.norm_local.weight)
+    torch.testing.assert_close(y, right, atol=1e-9, rtol=1e-7)
+    assert (y - wrong).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dropped", [False, True], ids=["dense", "dropped"])
+@pytest.mark.parametrize("branches", ["gated", "sum", "linear", "window"])
+def test_glga_flex_matches_reference_on_cpu(branches, dropped):
+    reference = perturbed(GLGAttention(DIM, HEADS, window_frames=2, branches=branches, impl="reference"))
+    flex = GLGAttention(DIM, HEADS, window_frames=2, branches=branches, impl="flex").double()
+    flex.load_state_dict(reference.state_dict())
+    ctx = make_ctx(keep=30 if dropped else None)
+    torch.manual_seed(4)
+    x = torch.randn(BATCH, ctx.index.shape[1], DIM, dtype=torch.float64)
+    with torch.no_grad():  # flex_attention has no backward on CPU
+        torch.testing.assert_close(flex(x, ctx), reference(x, ctx), atol=1e-10, rtol=1e-8)
+
+
+def test_band_block_mask_is_reused_for_the_same_index():
+    ctx = make_ctx(keep=30)
+    first = band_block_mask(ctx.index, 10)
+    assert band_block_mask(ctx.index, 10) is first
+    assert band_block_mask(ctx.index.clone(), 10) is not first
+    assert band_block_mask(ctx.index, 11) is not band_block_mask(ctx.index.clone(), 10)
+
+
+def test_linear_branch_is_fp32_under_bf16_autocast():
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 512, 2, 16).bfloat16() for _ in range(3))
+    exact = linear_attention_reference(q.double(), k.double(), v.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_attention(q, k, v)
+        bf16 = torch.einsum("bmhd,bhde->bmhe", q, torch.einsum("bmhd,bmhe->bhde", k, v))
+    assert out.dtype == torch.float32
+    assert bf16.dtype == torch.bfloat16  # what autocast would have done without the guard
+    assert rel_err(out, exact) < 1e-5 < rel_err(bf16, exact)
+
+
+def test_glga_runs_under_bf16_autocast():
+    module = GLGAttention(DIM, HEADS)
+    ctx = make_ctx(keep=30)
+    x = torch.randn(BATCH, 30, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x, ctx)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert rel_err(y, module(x, ctx)) < 2e-2
+
+
+def test_glga_options():
+    entry = get_registry("attention").get("glga")
+    assert GLGAOptions().window_frames == 4
+    assert entry.create(DIM, HEADS, options={"window_frames": 6}).window_frames == 6
+    assert entry.create(DIM, HEADS, options={"gate_per_head": True}).gate.out_features == 2 * HEADS
+    assert entry.create(DIM, HEADS, options={"branches": "linear"}).gate is None
+    with pytest.raises(Exception, match="window_frame"):
+        entry.create(DIM, HEADS, options={"window_frame": 6})
+    with pytest.raises(Exception, match="branches"):
+        entry.create(DIM, HEADS, options={"branches": "both"})
+    assert window_radius((21, 30, 52), 6) == 4680
+
+
+# ----- GPU: compiled flex vs the reference -----------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_glga_compiled_flex_matches_reference_on_cuda(dtype):
+    grid, dim, heads = (8, 16, 16), 256, 4  # N = 2048; 75% dropped -> M = 512; radius 512
+    ctx = make_ctx(grid, batch=2, keep=512, head_dim=dim // heads, device="cuda")
+    torch.manual_seed(6)
+    reference = GLGAttention(dim, heads, impl="reference").cuda()
+    flex = GLGAttention(dim, heads, impl="flex").cuda()
+    flex.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 512, dim, device="cuda")
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    outputs, grads = [], []
+    for module in (flex, reference):  # forward and backward through the compiled kernels
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = module(xi, ctx)
+        y.float().square().sum().backward()
+        outputs.append(y)
+        grads.append(xi.grad)
+    assert rel_err(outputs[0], outputs[1]) < tol
+    assert rel_err(grads[0], grads[1]) < tol
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        q, k, v = reference.project(x, ctx)
+        radius = window_radius(grid, 4)
+        band = local_attention_flex(q, k, v, ctx.index, radius)
+    exact = dense_attention(q.double(), k.double(), v.double(), window_mask(ctx.index, radius))
+    assert band.dtype == q.dtype
+    assert rel_err(band, exact) < tol
+
+
+@pytest.mark.gpu
+@cuda
+def test_glga_compiled_flex_runs_at_480p_without_n_by_n():
+    grid, dim, heads = (21, 30, 52), 1536, 12  # N = 32,760 dense; 6-frame window, radius 4680
+    ctx = make_ctx(grid, batch=1, head_dim=dim // heads, device="cuda")
+    module = GLGAttention(dim, heads, window_frames=6, impl="flex").cuda()
+    n = ctx.num_tokens
+    x = torch.randn(1, n, dim, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = module(x, ctx)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    q, k, v = (torch.randn(1, n, heads, dim // heads, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    index = ctx.index.clone()  # a fresh index: the block mask is built (compiled) inside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    band = local_attention_flex(q, k, v, index, window_radius(grid, 6))
+    torch.cuda.synchronize()
+    assert torch.isfinite(band).all()
+    # [B, H, M, d] copies of q, k, v plus the output: ~400 MB; an N x N bool mask alone would be 1 GiB
+    assert torch.cuda.max_memory_allocated() - base < n * n // 2
