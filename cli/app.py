@@ -29,13 +29,21 @@ def _plugin_commands() -> None:
 _plugin_commands()
 
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="print the version and exit")) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from eflow import __version__
 
         typer.echo(f"eflow {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="print the version and exit", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    """Train, sample and benchmark efficient few-step video diffusion transformers."""
 
 
 def main() -> None:

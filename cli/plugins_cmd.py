@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from eflow.cli.errors import user_errors
+
 
 def rows() -> list[dict[str, str]]:
     """One row per registered implementation, plus a 'failed' row per plugin that did not load."""
@@ -48,7 +50,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     ) -> None:
         """List registered plugins: kind, name, summary, owning plugin and version."""
-        table_rows = rows()
+        with user_errors():
+            table_rows = rows()
         if as_json:
             typer.echo(json.dumps(table_rows, indent=2))
             return

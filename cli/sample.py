@@ -49,14 +49,16 @@ def register(app: typer.Typer) -> None:
             cfg = load_run_config(run_dir)
             if sampler is not None:
                 cfg.sample.sampler = sampler
-            steps_ = steps or cfg.sample.steps
+            steps_ = cfg.sample.steps if steps is None else steps
             w = cfg.sample.guidance if guidance is None else guidance
             dev = resolve_device(device)
             parts = build_parts(cfg, with_dataset=False)
             model = parts.model
             step = load_weights(model, run_dir, weights)
             model.to(dev)
-            n = num or (len(caption) if caption else cfg.sample.num)
+            n = num if num is not None else (len(caption) if caption else cfg.sample.num)
+            if n < 1 or steps_ < 1:
+                raise ConfigError("--num and --steps must be at least 1")
             if cfg.data.condition == "text":
                 texts = caption or ["a red square moving left"]
                 texts = [texts[i % len(texts)] for i in range(n)]
@@ -68,7 +70,9 @@ def register(app: typer.Typer) -> None:
                     )
                 cond = Condition(labels=sample_labels(n, parts.num_classes, label))
             name = sampler_name(cfg)
-            precision = "bf16" if dev.type == "cuda" else "fp32"
+            precision = cfg.train.precision
+            if precision == "auto":
+                precision = "bf16" if dev.type == "cuda" else "fp32"
             videos = generate(
                 model,
                 parts.autoencoder,

@@ -65,7 +65,7 @@ def schedule_layer(
     mva_last = stages[-1].mva_share
     if not 0 < until <= 1:
         raise ConfigError(f"--drop-until {until}: give a fraction of the steps in (0, 1]")
-    if until >= 1.0 or ratio == 0:
+    if until >= 1.0:  # one stage: drop (or not) for the whole run; MVA, if on, for the whole run too
         first = {
             "start": 0.0,
             "end": 1.0,
@@ -85,7 +85,8 @@ def resolve(
     """defaults -> (saved config when resuming) -> run.toml -> flags -> --set, validated."""
     layers: list[dict] = []
     if resume:
-        run_dir = out or (load_toml(config).get("train", {}).get("out") if config else None) or "runs/demo"
+        from_file = load_toml(config).get("train", {}).get("out") if config else None
+        run_dir = out or from_file or RunConfig().train.out
         layers.append(load_run_config(run_dir).model_dump(mode="json"))
     if config is not None:
         layers.append(load_toml(config))
@@ -160,7 +161,10 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--resume", help="continue the run in --out", rich_help_panel=RUN)
         ] = False,
         overwrite: Annotated[
-            bool, typer.Option("--overwrite", help="start over in --out, deleting the run there", rich_help_panel=RUN)
+            bool,
+            typer.Option(
+                "--overwrite", help="start over in --out, deleting the run there", rich_help_panel=RUN
+            ),
         ] = False,
         config: Annotated[
             Path | None, typer.Option(help="run.toml with any RunConfig fields", rich_help_panel=RUN)

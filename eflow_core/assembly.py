@@ -38,6 +38,12 @@ class Parts:
     num_classes: int | None
     latent_shape: tuple[int, int, int, int]  # (c, t, h, w) of one clip's latents
 
+    def move_to(self, device: torch.device) -> None:
+        """Move the autoencoder and text encoder (when they are modules) to the run's device."""
+        for part in (self.autoencoder, self.conditioner.text_encoder):
+            if isinstance(part, nn.Module):
+                part.to(device)
+
 
 def build_dataset(cfg: RunConfig):
     d = cfg.data
@@ -62,11 +68,15 @@ def build_parts(cfg: RunConfig, *, with_dataset: bool = True) -> Parts:
         if num_classes is None:
             raise EflowError(f"dataset '{d.name}' has no class labels (num_classes); use --condition text")
         if d.num_classes is not None and d.num_classes != num_classes:
-            raise EflowError(f"data.num_classes={d.num_classes} but dataset '{d.name}' has {num_classes} classes")
+            raise EflowError(
+                f"data.num_classes={d.num_classes} but dataset '{d.name}' has {num_classes} classes"
+            )
     else:
         num_classes = d.num_classes
         if num_classes is None:
-            raise EflowError("the run's config.json has no data.num_classes; was it written by `eflow train`?")
+            raise EflowError(
+                "the run's config.json has no data.num_classes; was it written by `eflow train`?"
+            )
     latent_shape = tuple(autoencoder.latent_shape((3, d.frames, d.height, d.width)))
     model = build_model(
         cfg.model.preset,
@@ -94,8 +104,9 @@ def validate_plugins(cfg: RunConfig) -> None:
     ]
     if cfg.data.condition == "text":
         checks.append(("text_encoder", cfg.data.text_encoder, cfg.data.text_encoder_options))
-    if cfg.sample.sampler:
-        checks.append(("sampler", cfg.sample.sampler, cfg.sample.sampler_options))
+    from eflow.sampling import sampler_name
+
+    checks.append(("sampler", sampler_name(cfg), cfg.sample.sampler_options))
     for kind, name, options in checks:
         entry = get_registry(kind).get(name)
         if options is not None:

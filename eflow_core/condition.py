@@ -32,7 +32,9 @@ class Condition:
         return (self.labels if self.labels is not None else self.text).device
 
     def to(self, device) -> Condition:
-        return Condition(*(None if v is None else v.to(device) for v in (self.labels, self.text, self.text_mask)))
+        return Condition(
+            *(None if v is None else v.to(device) for v in (self.labels, self.text, self.text_mask))
+        )
 
     def null(self) -> Condition:
         """The null condition for every sample."""
@@ -61,6 +63,7 @@ class Condition:
     @staticmethod
     def cat(conds: list[Condition]) -> Condition:
         """Concatenate conditions along the batch."""
+
         def cat(field):
             vals = [getattr(c, field) for c in conds]
             return None if vals[0] is None else torch.cat(vals)

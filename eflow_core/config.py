@@ -46,10 +46,9 @@ class ObjectiveSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _recipe_defaults(cls, data: Any) -> Any:
-        """Options left out: the EFlow recipe's for the default objective, none for any other."""
-        if isinstance(data, dict) and "options" not in data:
-            name = data.get("name", DEFAULT_OBJECTIVE)
-            data = {**data, "options": dict(DEFAULT_OBJECTIVE_OPTIONS) if name == DEFAULT_OBJECTIVE else {}}
+        """The default objective starts from the EFlow recipe's options (mva on); given options win."""
+        if isinstance(data, dict) and data.get("name", DEFAULT_OBJECTIVE) == DEFAULT_OBJECTIVE:
+            data = {**data, "options": {**DEFAULT_OBJECTIVE_OPTIONS, **(data.get("options") or {})}}
         return data
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pluggy
 
 from eflow.registry import hookspecs
-from eflow.registry.registry import KINDS, Registry
+from eflow.registry.registry import KINDS, DuplicateNameError, Registry
 
 ENTRY_POINT_GROUP = "eflow"
 OWN_DISTRIBUTION = "eflow"
@@ -71,7 +71,8 @@ class PluginHost:
         self.infos: dict[str, PluginInfo] = {}
         self._registries: dict[str, Registry] | None = None
         self._loaded = False
-        if os.environ.get(TRACE_ENV) == "1":
+        self._trace = os.environ.get(TRACE_ENV) == "1"
+        if self._trace:
             self.pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
             self.pm.enable_tracing()
 
@@ -98,7 +99,9 @@ class PluginHost:
                 if not own and allowed is not None and ep.name not in allowed:
                     continue
                 version = dist.version if dist is not None else ""
-                self._load_module(ep.name, ep.value, version, "entry point" if not own else "built-in (entry point)")
+                self._load_module(
+                    ep.name, ep.value, version, "entry point" if not own else "built-in (entry point)"
+                )
         if not own_found:
             from eflow import __version__
 
@@ -107,6 +110,13 @@ class PluginHost:
         self._registries = None
 
     def _load_module(self, name: str, module_name: str, version: str, source: str) -> None:
+        if name in self.infos:
+            warnings.warn(
+                f"two eflow plugins are named '{name}' ({self.infos[name].module} and {module_name}); "
+                f"keeping the first",
+                stacklevel=2,
+            )
+            return
         try:
             module = importlib.import_module(module_name)
             self._add(module, name, version, source, module_name)
@@ -147,14 +157,36 @@ class PluginHost:
                 for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                     owner = impl.plugin_name
                     info = self.infos.get(owner)
-                    register = partial(built[kind].register, owner=owner, version=info.version if info else "")
-                    impl.function(register=register)
+                    if info is not None and info.status == "failed":
+                        continue
+                    register = partial(
+                        built[kind].register, owner=owner, version=info.version if info else ""
+                    )
+                    if self._trace:
+                        print(f"eflow hook: {hook_name} of plugin '{owner}'", file=sys.stderr)
+                    try:
+                        impl.function(register=register)
+                    except DuplicateNameError:
+                        raise
+                    except Exception as err:  # a plugin whose hook breaks is reported, the rest keep working
+                        self._mark_failed(owner, f"{hook_name} raised {type(err).__name__}: {err}")
             self._registries = built
         return self._registries
 
+    def _mark_failed(self, name: str, message: str) -> None:
+        warnings.warn(f"eflow plugin '{name}' failed: {message}", stacklevel=3)
+        info = self.infos.get(name)
+        if info is not None:
+            info.status, info.error = "failed", message
+
     def call_register_commands(self, app: Any) -> None:
+        """Let plugins add CLI commands; a plugin whose hook raises is reported, the CLI still works."""
         self.load()
-        self.pm.hook.register_commands(app=app)
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(app=app)
+            except Exception as err:
+                self._mark_failed(impl.plugin_name, f"register_commands raised {type(err).__name__}: {err}")
 
 
 _HOST: PluginHost | None = None

@@ -17,10 +17,10 @@ from eflow.registry import (
     UnknownNameError,
     get_registry,
     hookimpl,
+    hookspecs,
     host,
     plugin_infos,
 )
-from eflow.registry import hookspecs
 
 
 class Opts(BaseModel):
@@ -39,7 +39,9 @@ def test_unknown_name_lists_the_known_ones():
 def test_duplicate_name_names_both_owners():
     reg = Registry("objective")
     reg.register("fm", object, owner="first-plugin")
-    with pytest.raises(DuplicateNameError, match="first by plugin 'first-plugin', again by plugin 'second-plugin'"):
+    with pytest.raises(
+        DuplicateNameError, match="first by plugin 'first-plugin', again by plugin 'second-plugin'"
+    ):
         reg.register("fm", object, owner="second-plugin")
 
 
@@ -195,3 +197,29 @@ def test_every_hook_is_documented_in_the_plugin_guide():
     assert len(hooks) == len(KINDS) + 1
     for hook in hooks:
         assert hook in guide, f"{hook} is not documented in docs/plugins.md"
+
+
+def test_a_plugin_whose_hook_raises_is_reported_and_the_rest_keep_working():
+    class Faulty:
+        @hookimpl
+        def register_samplers(self, register):
+            raise RuntimeError("needs a GPU library")
+
+    host().register(Faulty(), name="faulty")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert "euler" in get_registry("sampler")
+        assert any("faulty" in str(w.message) for w in caught)
+        info = {i.name: i for i in plugin_infos()}["faulty"]
+        assert info.status == "failed" and "needs a GPU library" in info.error
+    finally:
+        host().unregister("faulty")
+
+
+def test_version_flag():
+    from eflow import __version__
+    from eflow.cli.app import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout

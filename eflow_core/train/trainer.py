@@ -112,6 +112,7 @@ class Trainer:
         if self.parts.num_classes is not None:
             cfg.data.num_classes = self.parts.num_classes  # resolved: sampling needs no dataset
         self.model = self.parts.model.to(self.device)
+        self.parts.move_to(self.device)
         broadcast_parameters(self.model, self.world)
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.optimizer = torch.optim.AdamW(
@@ -282,7 +283,9 @@ class Trainer:
                         self.preview(done)
                 step = total
         except KeyboardInterrupt:
-            if main and step > self.start_step:
+            if step == self.start_step:
+                raise EflowError(f"interrupted before step {step} finished; nothing new was saved") from None
+            if main:
                 self.save(step)
             raise EflowError(
                 f"interrupted; saved the run at step {step} in {self.run_dir}; continue with --resume"
