@@ -9,7 +9,18 @@ from eflow.cli.app import app
 from eflow.data.video_io import read_video
 
 runner = CliRunner()
-TINY = ["--frames", "4", "--size", "8", "--batch-size", "2", "--device", "cpu", "--set", "train.preview_every=0"]
+TINY = [
+    "--frames",
+    "4",
+    "--size",
+    "8",
+    "--batch-size",
+    "2",
+    "--device",
+    "cpu",
+    "--set",
+    "train.preview_every=0",
+]
 
 
 def run(*args):
