@@ -80,6 +80,7 @@ def build_parts(cfg: RunConfig, *, with_dataset: bool = True) -> Parts:
     latent_shape = tuple(autoencoder.latent_shape((3, d.frames, d.height, d.width)))
     model = build_model(
         cfg.model.preset,
+        overrides=cfg.model.overrides,
         attention=cfg.model.attention,
         attention_options=cfg.model.attention_options,
         in_channels=latent_shape[0],

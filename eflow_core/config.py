@@ -29,6 +29,9 @@ class ModelSection(Section):
     attention: str = Field("glga", description="self-attention backend (registry 'attention')")
     attention_options: dict[str, Any] = Field(default_factory=dict, description="options of the backend")
     guidance_embed: bool = Field(True, description="embed the guidance scale w (EFlow B.1)")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="preset fields to override, e.g. patch = [1, 2, 2], dim = 128"
+    )
 
 
 DEFAULT_OBJECTIVE = "pdg-sfm"  # the EFlow recipe: PDG-SFM ...

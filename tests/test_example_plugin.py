@@ -144,7 +144,7 @@ def test_tiny_model_trains_a_step_with_the_example_plugins(example):
     torch.manual_seed(0)
     model = build_model("tiny", attention="chunk-softmax")
     assert "chunk-softmax" in model.block_attention
-    x = torch.randn(2, 3, 2, 8, 8)  # [B, C, T, H, W] -> grid (2, 4, 4), 32 tokens
+    x = torch.randn(2, 3, 2, 16, 16)  # [B, C, T, H, W] -> grid (2, 4, 4) with tiny's 1x4x4 patch, 32 tokens
     t, s = torch.tensor([0.9, 0.5]), torch.tensor([0.2, 0.0])
     cond = Condition(labels=torch.tensor([0, 1]))
     keep = get_registry("token_drop").create("frames").select(model.token_grid(x.shape), 2, 0.5)

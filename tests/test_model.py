@@ -22,9 +22,9 @@ SHAPE = (2, 3, 4, 8, 8)  # [B, C, T, H, W] -> grid (4, 4, 4), 64 tokens
 
 
 def tiny(seed: int = 0, perturb: bool = True, **kwargs) -> VideoDiT:
-    """The tiny preset; `perturb` adds noise to every parameter so no AdaLN-Zero gate is zero."""
+    """The tiny preset with a 1x2x2 patch; `perturb` adds noise to every parameter so no AdaLN-Zero gate is zero."""
     torch.manual_seed(seed)
-    model = build_model("tiny", **kwargs)
+    model = build_model("tiny", overrides={"patch": (1, 2, 2)}, **kwargs)
     if perturb:
         with torch.no_grad():
             for p in model.parameters():
@@ -227,6 +227,8 @@ def test_patch_sizes_that_do_not_divide_name_the_dimension():
         model.token_grid((1, 3, 4, 31, 16))
     with torch.device("meta"):
         video = VideoDiT(replace(PRESETS["tiny"], patch=(2, 2, 2)))
+    with pytest.raises(EflowError, match=r"model\.overrides: unknown field"):
+        build_model("tiny", overrides={"patchsize": 2})
     message = "frames=7 is not divisible by the patch size 2 along t; use a multiple of 2 (e.g. 8)"
     with pytest.raises(EflowError, match=re.escape(message)):
         video.token_grid((1, 3, 7, 16, 16))

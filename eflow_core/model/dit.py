@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -269,8 +269,18 @@ def _per_sample(v: Tensor | float, batch: int, device: torch.device) -> Tensor:
     return v.expand(batch) if v.dim() == 0 else v.reshape(batch).float()
 
 
-def build_model(preset: str, **kwargs: Any) -> VideoDiT:
-    """A VideoDiT from a named preset (see PRESETS); kwargs go to VideoDiT."""
+def build_model(preset: str, overrides: dict[str, Any] | None = None, **kwargs: Any) -> VideoDiT:
+    """A VideoDiT from a named preset (see PRESETS), with ModelSpec fields overridden; kwargs go to VideoDiT."""
     if preset not in PRESETS:
         raise EflowError(f"unknown model preset '{preset}'; choices: {', '.join(PRESETS)}")
-    return VideoDiT(PRESETS[preset], **kwargs)
+    spec = PRESETS[preset]
+    if overrides:
+        names = [f.name for f in fields(ModelSpec)]
+        unknown = [k for k in overrides if k not in names]
+        if unknown:
+            raise EflowError(
+                f"model.overrides: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(names)}"
+            )
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        spec = replace(spec, **values)
+    return VideoDiT(spec, **kwargs)

@@ -42,7 +42,7 @@ PRESETS: dict[str, ModelSpec] = {
     # (512 tokens) 1.8-2.3 it/s dense, 3.9-4.5 it/s at 75% drop; 8x32x32 (2048 tokens) 0.2 / 0.6 it/s.
     "tiny": ModelSpec(
         dim=96, heads=4, ffn_dim=384, encoder_blocks=1, middle_blocks=4, decoder_blocks=1,
-        softmax_ratio=2, window_frames=2, in_channels=3, num_classes=8,
+        softmax_ratio=2, window_frames=2, in_channels=3, num_classes=8, patch=(1, 4, 4),
     ),
     # EFlow Table 5: Kinetics-700 class-conditional models (paper: 128M, 529M, 3B).
     "B": ModelSpec(

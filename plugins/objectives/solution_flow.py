@@ -1,0 +1,468 @@
+"""Solution flow matching (SoFlow) with EFlow's Path-Drop Guidance and Mean-Velocity Additivity.
+
+The network parameterizes the bi-time solution map f(x_t, t, s, c, w) = x_t + (s - t) F(x_t, t, s, c, w)
+(t = 0 data, t = 1 noise, s < t cleaner). One batch of clean samples x0 is split into disjoint groups
+(EFlow Algorithm 1):
+
+  FM  (share a'):  || F(x_t, t, t, c, w) - v_g ||^2, adaptively weighted
+  SCM (share b'):  w_SCM || f(x_t, t, s) - f_sg(x_t + v_mix (l - t), l, s) ||^2
+  MVA (share m):   || f(x_t, t, s) - f_sg(f_sg(x_t, t, l), l, s) ||^2 on grid times t > l > s
+
+with the CFG-folded target v_g = v + d(t) (w - 1) (v - v_u), v = x1 - x0, and v_mix = mix v_g + (1 - mix) F_sg(x_t, t, t, c, w).
+`sfm` takes v_u from a full no-grad pass F(x_t, t, t, null); `pdg-sfm` from the cheap weak path
+(middle stack skipped, EFlow Eq. 11), and trains that weak path on path-dropped FM samples.
+
+Exact conventions (where the paper and the notes leave room):
+- shares: m = StepInfo.mva_share when option `mva` is on, else 0; a' = a (1 - m) / (a + b) and
+  b' = b (1 - m) / (a + b), i.e. fm_ratio : scm_ratio is kept and FM + SCM fill 1 - m.
+  Group sizes: n_fm = round(a' B), n_scm = round((a' + b') B) - n_fm, n_mva = B - n_fm - n_scm,
+  members chosen by a random permutation of the batch.
+- dropping (Algorithm 1, lines 7-8): only FM samples drop their label. `pdg-sfm`: with probability p_drop
+  the sample takes the null condition, guidance 0 and the weak path (with gradient) and trains plain
+  unconditional FM, || F_weak(x_t, t, t, null, 0) - v ||^2. `sfm`: with probability label_dropout the sample
+  takes the null condition and guidance 0 on the full path and trains || F(x_t, t, t, null, 0) - v ||^2.
+  The unconditional velocity is always queried with guidance 0 to match (w = 0 in Eq. 11 is the
+  unconditional field). Samples whose label is null use the plain v instead of v_g and get guidance 0.
+- the velocity mix applies to the SCM step x_l only; FM regresses v_g directly (the mix would need an
+  extra conditional pass per FM sample, and the notes count ~2 passes per FM sample).
+- loss normalization: loss = (1 / B) sum_i loss_i over the whole batch, which is
+  (n_fm / B) L_FM + (n_scm / B) L_SCM + (n_mva / B) L_MVA with each L the mean over its group,
+  i.e. a L_FM + b L_SCM + (1 - a - b) L_MVA with the realized group fractions.
+- batching: passes without mutual dependence are concatenated into one network call per
+  (path, weights): stage 1 (no grad) = {v_u for FM and SCM samples, F_sg(x_t, t, t, c) for SCM, the first MVA leg},
+  stage 2 (no grad) = {SCM target, second MVA leg}, and one call with gradient for all full-path
+  FM/SCM/MVA predictions plus (pdg-sfm) one weak call with gradient for the path-dropped samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import Tensor
+
+from eflow.condition import Condition
+from eflow.errors import ConfigError
+from eflow.loss_weight import adaptive_weight, per_sample_mse
+from eflow.network import expand_like, solution_map
+from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo
+from eflow.registry import hookimpl
+from eflow.registry.registry import format_validation_error
+from eflow.timesteps import (
+    intermediate_time,
+    l_ratio,
+    logit_normal,
+    mva_grid,
+    rand,
+    randn_like,
+    sample_mva_triplets,
+    sample_scm_times,
+)
+
+# ----------------------------------------------------------------------------------------------------
+# options
+
+
+class SolutionFlowOptions(BaseModel):
+    """Options shared by `sfm` and `pdg-sfm`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fm_ratio: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="a, the FM share of the batch; EFlow C.1 Kinetics [0.75, 0.25], SoFlow 75%",
+    )
+    scm_ratio: float = Field(
+        0.25, ge=0, le=1, description="b, the SCM share of the batch; EFlow C.1 Kinetics [0.75, 0.25]"
+    )
+    mva: bool = Field(
+        False,
+        description="Mean-Velocity Additivity term (EFlow 4.2b); its share comes from the trainer's stage schedule "
+        "(StepInfo.mva_share; Kinetics: 0 for the first 80%, on for the last 20%, EFlow C.1)",
+    )
+    mu_t: float = Field(
+        0.0, description="logit-normal mean of t; EFlow Table 5 (mu_t, sigma_t, shift_t) = (0, 1, 3)"
+    )
+    sigma_t: float = Field(1.0, gt=0, description="logit-normal std of t; EFlow Table 5")
+    shift_t: float = Field(3.0, gt=0, description="time shift of t; EFlow Table 5")
+    mu_s: float = Field(
+        -1.0, description="logit-normal mean of s; EFlow Table 5 (mu_s, sigma_s, shift_s) = (-1, 0.8, 1)"
+    )
+    sigma_s: float = Field(0.8, gt=0, description="logit-normal std of s; EFlow Table 5")
+    shift_s: float = Field(1.0, gt=0, description="time shift of s; EFlow Table 5")
+    r0: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="(t - l) / (t - s) at step 0 of the exponential l - t schedule; SoFlow ImageNet",
+    )
+    r1: float = Field(0.002, gt=0, le=1, description="(t - l) / (t - s) at the last step; SoFlow ImageNet")
+    p: float = Field(
+        1.0, ge=0, description="adaptive-weight power; EFlow Table 5 'loss weight coefficient' 1.0"
+    )
+    eps: float = Field(0.01, gt=0, description="adaptive-weight stabilizer; SoFlow ImageNet config 0.01")
+    w_min: float = Field(2.5, ge=0, description="guidance scale w ~ U(w_min, w_max) per batch; EFlow Table 5")
+    w_max: float = Field(4.5, ge=0, description="upper end of the training guidance range; EFlow Table 5")
+    cfg_decay_time: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="guidance fades linearly from t = this to 0 at t = 1; SoFlow cfg_decay_time",
+    )
+    velocity_mix: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="v_mix = mix v_g + (1 - mix) F_sg(x_t, t, t, c); EFlow Table 5 / SoFlow 0.25",
+    )
+    target: Literal["online", "ema"] = Field(
+        "online", description="weights of the SCM target f_sg: online under no_grad (SoFlow) or the EMA copy"
+    )
+    mva_target: Literal["online", "ema"] = Field(
+        "ema",
+        description="weights of the two MVA target passes; EFlow 4.2b speaks of 'two extra EMA forward passes'",
+    )
+    mva_grid_points: int = Field(64, ge=3, description="MVA's discrete time grid size K; EFlow B.2 (K = 64)")
+    mva_grid_shift: float = Field(3.0, gt=0, description="shift of the MVA grid; EFlow B.2 (shift = 3)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        a, b = self.fm_ratio, self.scm_ratio
+        if a + b > 1 + 1e-9:
+            raise ConfigError(
+                f"fm_ratio + scm_ratio must be <= 1 (got {a} + {b}); the MVA share is 1 - fm_ratio - scm_ratio "
+                "in Algorithm 1 (here set per stage by StepInfo.mva_share, FM and SCM rescaled to fill the rest)"
+            )
+        if a + b <= 0:
+            raise ConfigError("fm_ratio + scm_ratio must be > 0 (got 0 + 0): FM and SCM cannot both be off")
+        if self.w_min > self.w_max:
+            raise ConfigError(f"w_min must be <= w_max (got w_min={self.w_min}, w_max={self.w_max})")
+        if self.r1 > self.r0:
+            raise ConfigError(
+                f"r1 must be <= r0 for a decaying l - t schedule (got r0={self.r0}, r1={self.r1})"
+            )
+        return self
+
+
+class SFMOptions(SolutionFlowOptions):
+    """Options of `sfm` (SoFlow with a full unconditional pass for the CFG target)."""
+
+    label_dropout: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="probability an FM sample trains unconditionally on the full path; SoFlow 0.1",
+    )
+
+
+class PDGSFMOptions(SolutionFlowOptions):
+    """Options of `pdg-sfm` (EFlow: the unconditional velocity from the weak path)."""
+
+    p_drop: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="probability an FM sample trains the weak path unconditionally; EFlow B.2 p_drop = 0.2",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the equations
+
+
+def straight_path(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t x1 with t [B]."""
+    t = expand_like(t.to(x0.dtype), x0)
+    return (1 - t) * x0 + t * x1
+
+
+def cfg_decay(t: Tensor, decay_time: float) -> Tensor:
+    """[B] d(t) = 1 for t <= decay_time, falling linearly to 0 at t = 1 (SoFlow's CFG decay)."""
+    if decay_time >= 1:
+        return torch.ones_like(t)
+    return ((1 - t) / (1 - decay_time)).clamp(0.0, 1.0)
+
+
+def guided_velocity(v: Tensor, v_uncond: Tensor, w: Tensor, t: Tensor, decay_time: float) -> Tensor:
+    """v_g = v + d(t) (w - 1) (v - v_u): w v + (1 - w) v_u where d = 1 (EFlow Eq. 9/11); w, t [B]."""
+    k = expand_like((cfg_decay(t, decay_time) * (w - 1)).to(v.dtype), v)
+    return v + k * (v - v_uncond)
+
+
+def scm_loss(f_t: Tensor, f_l: Tensor, t: Tensor, l: Tensor, s: Tensor, p: float, eps: float) -> Tensor:
+    """[B] SoFlow's SCM loss: || f_t - f_l ||^2 / ((t - l)(t - s)) times 1 / (e_fd + eps)^p (detached),
+    e_fd the per-element mean of the finite-difference residual ((f_t - f_l) / (t - l))^2.
+
+    f_t - f_l ~ (t - l) R with R the PDE residual and d f_t / dtheta = (s - t) dF / dtheta, so the gradient of
+    || f_t - f_l ||^2 / ((t - l)(t - s)) is ~ -2 R dF / dtheta: O(1) in both gaps, like a residual loss on F.
+    Weighting by 1 / (t - l)^2 instead would scale that gradient by (t - s) / (t - l) = 1 / r(step): up to
+    500x at the end of SoFlow's schedule (r1 = 0.002), and larger for the long jumps, blowing up the
+    effective learning rate as l -> t instead of converging to the continuous-time objective.
+    """
+    err = per_sample_mse(f_t, f_l)
+    tl, ts = (t - l).to(err.dtype), (t - s).to(err.dtype)
+    return adaptive_weight(err / tl**2, p, eps) * err / (tl * ts)
+
+
+def mva_loss(f_direct: Tensor, f_composed: Tensor) -> Tensor:
+    """[B] || f(x_t, t, s) - f_sg(f_sg(x_t, t, l), l, s) ||^2 per-element mean (EFlow Eq. 12, unweighted)."""
+    return per_sample_mse(f_direct, f_composed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# batched forward passes
+
+
+@dataclass
+class Pass:
+    """One request for F on a subset of samples (a tensor per field, batch first)."""
+
+    x: Tensor
+    t: Tensor
+    s: Tensor
+    cond: Condition
+    guidance: Tensor
+    path: str = "full"
+    weights: str = "online"  # "online" or "ema"
+
+
+def run_passes(net, passes: list[Pass], grad: bool) -> list[Tensor]:
+    """F for every pass, with one network call per (path, weights): their samples are concatenated."""
+    out: list[Tensor | None] = [None] * len(passes)
+    calls: dict[tuple[str, str], list[int]] = {}
+    for i, q in enumerate(passes):
+        if len(q.x) == 0:
+            out[i] = q.x.new_zeros(q.x.shape)
+        else:
+            calls.setdefault((q.path, q.weights), []).append(i)
+    for (path, weights), ids in calls.items():
+        x = torch.cat([passes[i].x for i in ids])
+        t = torch.cat([passes[i].t for i in ids])
+        s = torch.cat([passes[i].s for i in ids])
+        g = torch.cat([passes[i].guidance for i in ids])
+        cond = Condition.cat([passes[i].cond for i in ids])
+        if weights == "ema":
+            F = net.ema(x, t, s, cond, g, path=path)
+        else:
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                F = net(x, t, s, cond, g, path=path)
+        F = F.to(
+            torch.promote_types(F.dtype, x.dtype)
+        )  # low-precision outputs: keep f = x + (s - t) F in x's dtype
+        for i, part in zip(ids, F.split([len(passes[i].x) for i in ids]), strict=True):
+            out[i] = part
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the objective
+
+
+@dataclass
+class SFMDraws:
+    """The random quantities of one step. Per-sample times [B] mean, by group: FM t (s = l = t);
+    SCM t > l >= s; MVA grid times t > l > s. `dropped` [B] is only ever True inside the FM group."""
+
+    x1: Tensor  # [B, ...] noise
+    fm: Tensor  # [n_fm] long, batch indices of the FM group
+    scm: Tensor  # [n_scm] long
+    mva: Tensor  # [n_mva] long
+    t: Tensor
+    l: Tensor
+    s: Tensor
+    w: float  # guidance scale of this batch
+    dropped: Tensor  # [B] bool
+
+
+def group_sizes(batch: int, shares: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(n_fm, n_scm, n_mva) by rounding the cumulative shares, so they sum to the batch size."""
+    a, b, _ = shares
+    n_fm = min(batch, round(a * batch))
+    n_fm_scm = min(batch, round((a + b) * batch))
+    return n_fm, n_fm_scm - n_fm, batch - n_fm_scm
+
+
+class SolutionFlow(Objective):
+    """`sfm` (pdg=False) and `pdg-sfm` (pdg=True): FM + SCM (+ MVA) on disjoint parts of each batch."""
+
+    default_sampler = "solution"
+
+    def __init__(self, *, total_steps: int, pdg: bool = False, **options: Any):
+        self.pdg = pdg
+        self.name = "pdg-sfm" if pdg else "sfm"
+        model = PDGSFMOptions if pdg else SFMOptions
+        try:
+            self.options = model.model_validate(options)
+        except ValidationError as err:
+            raise ConfigError(
+                format_validation_error(err, f"objective '{self.name}' options", model)
+            ) from None
+        self.total_steps = total_steps
+        self.drop_prob = self.options.p_drop if pdg else self.options.label_dropout
+        self.grid = mva_grid(self.options.mva_grid_points, self.options.mva_grid_shift)
+
+    # -- the batch split ---------------------------------------------------------------------------
+    def shares(self, mva_share: float = 0.0) -> tuple[float, float, float]:
+        """(a', b', m): m = mva_share if option `mva` is on (else 0); FM : SCM = fm_ratio : scm_ratio fill 1 - m."""
+        m = float(mva_share) if self.options.mva else 0.0
+        if not 0.0 <= m < 1.0:
+            raise ConfigError(f"mva_share must be in [0, 1) (got {m})")
+        a, b = self.options.fm_ratio, self.options.scm_ratio
+        k = (1.0 - m) / (a + b)
+        return a * k, b * k, m
+
+    def draw(self, x0: Tensor, info: StepInfo, generator: torch.Generator | None = None) -> SFMDraws:
+        """Groups, noise, times, guidance scale and drop draws for a batch x0 [B, ...]."""
+        o, B, dev = self.options, x0.shape[0], x0.device
+        n_fm, n_scm, _ = group_sizes(B, self.shares(info.mva_share))
+        perm = rand(B, generator, dev).argsort()
+        fm, scm, mva = perm[:n_fm], perm[n_fm : n_fm + n_scm], perm[n_fm + n_scm :]
+        x1 = randn_like(x0, generator)
+        # every time sampler draws for the whole batch so RNG use does not depend on the split
+        t = logit_normal(B, o.mu_t, o.sigma_t, o.shift_t, generator, dev)
+        t_scm, s_scm = sample_scm_times(
+            B, o.mu_t, o.sigma_t, o.shift_t, o.mu_s, o.sigma_s, o.shift_s, generator, dev
+        )
+        l_scm = intermediate_time(t_scm, s_scm, info.step, self.total_steps, o.r0, o.r1)
+        t_mva, l_mva, s_mva = sample_mva_triplets(B, self.grid.to(dev), generator)
+        s, l = t.clone(), t.clone()
+        for idx, (ti, li, si) in ((scm, (t_scm, l_scm, s_scm)), (mva, (t_mva, l_mva, s_mva))):
+            t[idx], l[idx], s[idx] = ti[idx], li[idx], si[idx]
+        w = o.w_min + (o.w_max - o.w_min) * rand(1, generator, dev).item()
+        in_fm = torch.zeros(B, dtype=torch.bool, device=dev)
+        in_fm[fm] = True
+        dropped = (rand(B, generator, dev) < self.drop_prob) & in_fm
+        return SFMDraws(x1, fm, scm, mva, t, l, s, w, dropped)
+
+    # -- the loss ------------------------------------------------------------------------------------
+    def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
+        """batch = {"x0": [B, C, T, H, W], "cond": Condition, optional "generator"}."""
+        x0 = batch["x0"]
+        return self.loss_from(net, x0, batch["cond"], self.draw(x0, info, batch.get("generator")), info)
+
+    def loss_from(
+        self, net, x0: Tensor, cond: Condition, d: SFMDraws, info: StepInfo | None = None
+    ) -> LossOutput:
+        """The loss for explicit draws (tests call this with hand-picked times)."""
+        o, B = self.options, x0.shape[0]
+        tdtype = torch.promote_types(x0.dtype, torch.float32)  # times stay >= float32: t - l can be ~1e-4
+        t, l, s = d.t.to(tdtype), d.l.to(tdtype), d.s.to(tdtype)
+        x_t = straight_path(x0, d.x1, t)
+        v = d.x1 - x0
+        cond = cond.drop(d.dropped)
+        null = cond.is_null()
+        g = torch.where(null, torch.zeros_like(t), torch.full_like(t, d.w))  # the model's guidance input
+        null_cond = cond.null()
+
+        fm_drop, fm_keep = d.fm[d.dropped[d.fm]], d.fm[~d.dropped[d.fm]]
+        weak_fm = fm_drop if self.pdg else fm_drop[:0]  # trained through the weak path (pdg only)
+        full_fm = fm_keep if self.pdg else d.fm
+        scm, mva = d.scm, d.mva
+
+        def at(idx: Tensor, x: Tensor, tt: Tensor, ss: Tensor, c: Condition, gg: Tensor, **kw) -> Pass:
+            return Pass(x[idx], tt[idx], ss[idx], c[idx], gg[idx], **kw)
+
+        # stage 1 (no grad): v_u for guided FM/SCM samples, F_sg(x_t, t, t, c) for SCM, first MVA leg
+        guided = torch.cat([fm_keep, scm])
+        guided = guided[~null[guided]]
+        uncond_path = "weak" if self.pdg else "full"
+        mix = o.velocity_mix
+        stage1 = [
+            at(guided, x_t, t, t, null_cond, torch.zeros_like(t), path=uncond_path),
+            at(scm if mix < 1 else scm[:0], x_t, t, t, cond, g),
+            at(mva, x_t, t, l, cond, g, weights=o.mva_target),
+        ]
+        F_u, F_c, F_mva1 = run_passes(net, stage1, grad=False)
+
+        v_g = v.clone()
+        v_g[guided] = guided_velocity(v[guided], F_u, g[guided], t[guided], o.cfg_decay_time)
+        v_mix = v_g[scm] if mix >= 1 else mix * v_g[scm] + (1 - mix) * F_c
+        x_l = x_t[scm] + expand_like(l[scm] - t[scm], x_t) * v_mix
+        x_mid = solution_map(x_t[mva], t[mva], l[mva], F_mva1)
+
+        # stage 2 (no grad): the SCM target f_sg(x_l, l, s) and the second MVA leg f_sg(x_mid, l, s)
+        stage2 = [
+            Pass(x_l, l[scm], s[scm], cond[scm], g[scm], weights=o.target),
+            Pass(x_mid, l[mva], s[mva], cond[mva], g[mva], weights=o.mva_target),
+        ]
+        F_l, F_mva2 = run_passes(net, stage2, grad=False)
+        f_l = solution_map(x_l, l[scm], s[scm], F_l)
+        f_mva = solution_map(x_mid, l[mva], s[mva], F_mva2)
+
+        # with gradient: all full-path predictions in one call, path-dropped FM samples on the weak path
+        grads = [
+            at(full_fm, x_t, t, t, cond, g),
+            at(scm, x_t, t, s, cond, g),
+            at(mva, x_t, t, s, cond, g),
+            at(weak_fm, x_t, t, t, null_cond, torch.zeros_like(t), path="weak"),
+        ]
+        F_fm, F_scm, F_mva, F_weak = run_passes(net, grads, grad=True)
+
+        err_fm = per_sample_mse(torch.cat([F_fm, F_weak]), torch.cat([v_g[full_fm], v[weak_fm]]))
+        loss_fm = adaptive_weight(err_fm, o.p, o.eps) * err_fm
+        f_scm = solution_map(x_t[scm], t[scm], s[scm], F_scm)
+        loss_scm = scm_loss(f_scm, f_l, t[scm], l[scm], s[scm], o.p, o.eps)
+        loss_mva = mva_loss(solution_map(x_t[mva], t[mva], s[mva], F_mva), f_mva)
+
+        loss = torch.cat([loss_fm, loss_scm, loss_mva]).sum() / B
+        metrics = {"loss": loss.item(), "w": d.w, "n_fm": len(d.fm), "n_scm": len(scm), "n_mva": len(mva)}
+        metrics["n_drop"] = int(d.dropped.sum())
+        for name, part in (("loss_fm", loss_fm), ("loss_scm", loss_scm), ("loss_mva", loss_mva)):
+            if len(part):
+                metrics[name] = part.mean().item()
+        if info is not None:
+            metrics["l_ratio"] = l_ratio(info.step, self.total_steps, o.r0, o.r1)
+        return LossOutput(loss, metrics)
+
+    # -- declared cost ---------------------------------------------------------------------------------
+    def cost(self, mva_share: float = 0.0) -> ForwardCost:
+        """Expected passes per sample (conditional data assumed; `weak` includes pdg's weak passes with grad).
+
+        FM kept:    1 full grad + 1 uncond (weak for pdg-sfm, full no-grad for sfm)
+        FM dropped: 1 weak grad (pdg-sfm) or 1 full grad (sfm)
+        SCM:        1 full grad + 1 uncond + 1 full no-grad F(x_t, t, t, c) (if velocity_mix < 1) + 1 full no-grad target
+        MVA:        1 full grad + 2 full no-grad (the composed target)
+        """
+        a, b, m = self.shares(mva_share)
+        q = self.drop_prob
+        mixpass = b if self.options.velocity_mix < 1 else 0.0
+        uncond = a * (1 - q) + b
+        if self.pdg:
+            return ForwardCost(
+                full_grad=a * (1 - q) + b + m, full_nograd=mixpass + b + 2 * m, weak=a * q + uncond
+            )
+        return ForwardCost(full_grad=a + b + m, full_nograd=uncond + mixpass + b + 2 * m, weak=0.0)
+
+
+@hookimpl
+def register_objectives(register):
+    register(
+        "sfm",
+        functools.partial(SolutionFlow, pdg=False),
+        summary="solution flow (SoFlow): FM + SCM (+ --mva), CFG folded into the target via a full uncond pass",
+        options=SFMOptions,
+    )
+    register(
+        "pdg-sfm",
+        functools.partial(SolutionFlow, pdg=True),
+        summary="EFlow: solution flow with path-drop guidance (weak-path uncond velocity) and optional MVA",
+        options=PDGSFMOptions,
+    )
+
+
+__all__ = [
+    "PDGSFMOptions",
+    "SFMDraws",
+    "SFMOptions",
+    "SolutionFlow",
+    "cfg_decay",
+    "guided_velocity",
+    "mva_loss",
+    "scm_loss",
+    "straight_path",
+]
