@@ -94,9 +94,13 @@ class Network:
 
 
 def solution_map(x_t: Tensor, t: Tensor, s: Tensor, F: Tensor) -> Tensor:
-    """f = x_t + (s - t) F with t, s [B] broadcast over the sample's dims (exactly x_t when s == t)."""
-    gap = (s - t).to(F.dtype).view(-1, *([1] * (F.dim() - 1)))
-    return x_t + gap * F
+    """f = x_t + (s - t) F with t, s [B] broadcast over the sample's dims (exactly x_t when s == t).
+
+    Computed in at least float32: a bf16 F must not quantize small time gaps.
+    """
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    gap = (s - t).to(dtype).view(-1, *([1] * (F.dim() - 1)))
+    return (x_t.to(dtype) + gap * F.to(dtype)).to(x_t.dtype)
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ class ForwardCost:
 
     full_grad: float = 0.0  # full path, with gradient
     full_nograd: float = 0.0  # full path, without gradient (online under no_grad, or EMA)
-    weak: float = 0.0  # weak path (middle stack skipped), without gradient
+    weak: float = 0.0  # weak path (middle stack skipped), with or without gradient
 
     def as_dict(self) -> dict[str, float]:
         return {"full_grad": self.full_grad, "full_nograd": self.full_nograd, "weak": self.weak}

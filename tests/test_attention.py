@@ -282,3 +282,62 @@ def test_glga_compiled_flex_runs_at_480p_without_n_by_n():
     assert torch.isfinite(band).all()
     # [B, H, M, d] copies of q, k, v plus the output: ~400 MB; an N x N bool mask alone would be 1 GiB
     assert torch.cuda.max_memory_allocated() - base < n * n // 2
+
+
+@pytest.mark.gpu
+@cuda
+def test_glga_compiled_flex_handles_many_shapes_without_falling_back_to_n_by_n():
+    """Objectives call the model with varying batch and kept-token counts; compiled flex must stay
+    correct and never fall back to a path that materializes [B, H, M, M] scores (seen as an OOM)."""
+    heads, d, grid = 4, 64, (16, 32, 32)  # N = 16,384
+    n = grid[0] * grid[1] * grid[2]
+    radius = window_radius(grid, 4)
+    for i, (batch, m) in enumerate([(1, 4096), (3, 4096), (2, 4000), (5, 4096), (4, n), (7, 4096), (6, 3900),
+                                    (9, 4096), (8, 4100), (10, 4096), (11, 2048), (2, n)]):  # fmt: skip
+        g = torch.Generator().manual_seed(i)
+        index = torch.stack([torch.randperm(n, generator=g)[:m].sort().values for _ in range(batch)]).cuda()
+        q, k, v = (torch.randn(batch, m, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = local_attention_flex(q, k, v, index, radius)
+        torch.cuda.synchronize()
+        scores = batch * heads * m * m * 2  # what a dense bf16 score tensor would take
+        assert torch.cuda.max_memory_allocated() - base < scores / 4, (batch, m)
+        if i % 4 == 0:
+            exact = dense_attention(
+                q[:1].double(), k[:1].double(), v[:1].double(), window_mask(index[:1], radius)
+            )
+            assert rel_err(out[:1], exact) < 2e-2, (batch, m)
+
+
+@pytest.mark.parametrize("m, radius, block", [(200, 9, 16), (256, 40, 32), (97, 0, 16), (300, 1000, 64)])
+def test_band_block_table_covers_the_band_exactly(m, radius, block):
+    """Every in-band pair lies in a listed block; full blocks hold only in-band pairs; no block is listed twice."""
+    from eflow.plugins.attention.glga import band_block_mask
+
+    g = torch.Generator().manual_seed(m + radius)
+    index = torch.stack([torch.randperm(4 * m, generator=g)[:m].sort().values for _ in range(2)])
+    bm = band_block_mask(index, radius, block=block)
+    nb = -(-m // block)
+    band = (index[:, :, None] - index[:, None, :]).abs() <= radius  # [B, M, M] ground truth
+    padded = torch.zeros(2, nb * block, nb * block, dtype=torch.bool)
+    padded[:, :m, :m] = band
+    per_block = padded.view(2, nb, block, nb, block)
+    any_in = per_block.any(dim=(2, 4))  # [B, QB, KB]
+    real = torch.zeros(nb * block, dtype=torch.bool)
+    real[:m] = True
+    real_pairs = (real[:, None] & real[None, :]).view(nb, block, nb, block).all(dim=(1, 3))
+    all_in = per_block.all(dim=(2, 4)) & real_pairs
+    listed = torch.zeros(2, nb, nb, dtype=torch.int64)
+    full = torch.zeros(2, nb, nb, dtype=torch.bool)
+    for b in range(2):
+        for qb in range(nb):
+            for kb in bm.kv_indices[b, 0, qb, : bm.kv_num_blocks[b, 0, qb]].tolist():
+                listed[b, qb, kb] += 1
+            for kb in bm.full_kv_indices[b, 0, qb, : bm.full_kv_num_blocks[b, 0, qb]].tolist():
+                listed[b, qb, kb] += 1
+                full[b, qb, kb] = True
+    assert listed.max() <= 1
+    assert torch.equal(listed.bool(), any_in)  # covers the band, lists nothing outside it
+    assert not (full & ~all_in).any()  # a full block skips the mask_mod, so it must be entirely in band

@@ -192,6 +192,8 @@ class Trainer:
         }
         record.update({k: float(v) for k, v in out.metrics.items()})
         record.update({f"passes/{k}": v / batch for k, v in net.counts.items()})
+        if self.device.type == "cuda":
+            record["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return record
 
     # ----- outputs -------------------------------------------------------------------------------

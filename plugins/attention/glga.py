@@ -14,8 +14,9 @@ scale cannot squash the others. The window is defined on original raster indices
 W(i) simply holds fewer keys, and the operation is otherwise unchanged. No convolutions anywhere.
 
 Local-branch implementations: "reference" builds the M x M band mask and calls SDPA (fine on CPU);
-"flex" runs flex_attention with a band mask_mod read through the raster indices; on CUDA both the
-block mask (create_block_mask compiled) and flex_attention are compiled, so no M x M tensor exists.
+"flex" runs flex_attention with a band mask_mod read through the raster indices and a block table built
+from each block's index range (band_block_mask); flex_attention is compiled on CUDA, so no M x M tensor
+exists.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from eflow.model.self_attention import RMSNorm, SelfAttention
 from eflow.model.tokens import TokenContext
@@ -81,37 +82,59 @@ def local_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor, ra
 
 @functools.cache
 def _compiled_flex_attention():
-    """flex_attention compiled once per process (torch.compile re-specializes per shape)."""
-    return torch.compile(flex_attention, dynamic=False)
+    """flex_attention compiled once per process; batch and token counts vary per call (objective groups,
+    token dropping), so shapes are left to Dynamo's automatic dynamic marking instead of one graph per shape.
+    """
+    return torch.compile(flex_attention, dynamic=None)
 
 
-def _create_block_mask_compiled(*args, **kwargs) -> BlockMask:
-    """create_block_mask traced by torch.compile, so the M x M mask is never materialized."""
-    if "_compile" in inspect.signature(create_block_mask).parameters:
-        with warnings.catch_warnings():  # newer torch deprecates the flag in favour of torch.compile
-            warnings.filterwarnings("ignore", message="_compile flag", category=DeprecationWarning)
-            return create_block_mask(*args, **kwargs, _compile=True)
-    return torch.compile(create_block_mask)(*args, **kwargs)
-
+BLOCK = 128  # flex_attention's default block size (queries and keys)
+_FAR = 2**40  # raster index given to padding: farther than any radius from every real token
 
 _last_block_mask: tuple | None = None  # (index, index._version, radius, BlockMask): blocks share ctx.index
 
 
-def band_block_mask(index: Tensor, radius: int) -> BlockMask:
-    """Block mask of |index[b, q] - index[b, kv]| <= radius, reused while the same index tensor comes back."""
+def _block_table(select: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, QB, KB] bool -> (num [B, 1, QB] int32, indices [B, 1, QB, KB] int32, selected blocks first)."""
+    num = select.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~select).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[:, None], order[:, None]
+
+
+def band_block_mask(index: Tensor, radius: int, block: int = BLOCK) -> BlockMask:
+    """Block mask of |index[b, q] - index[b, kv]| <= radius for sorted raster indices [B, M].
+
+    The block table is built from each block's smallest and largest raster index (O(B (M / block)^2),
+    never M x M): a key block touches a query block when their index ranges come within `radius`, and
+    is full when every pair does. Reused while the same index tensor comes back (blocks share ctx.index).
+    """
     global _last_block_mask
     cached = _last_block_mask
     if cached is not None and cached[0] is index and cached[1] == index._version and cached[2] == radius:
         return cached[3]
+    m = index.shape[1]
+    nb = -(-m // block)
+    padded = F.pad(index, (0, nb * block - m), value=_FAR)  # [B, nb * block]
+    first = padded[:, ::block]  # smallest index of each block [B, nb]
+    last = index[
+        :, (torch.arange(nb, device=index.device) * block + block - 1).clamp(max=m - 1)
+    ]  # largest real
+    q_lo, q_hi, k_lo, k_hi = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
+    touches = (k_hi >= q_lo - radius) & (k_lo <= q_hi + radius)  # [B, QB, KB]
+    full = (k_lo >= q_hi - radius) & (k_hi <= q_lo + radius)
+    ragged = torch.zeros(nb, dtype=torch.bool, device=index.device)
+    ragged[-1] = nb * block != m  # a block holding padding is never full: the mask_mod must hide the padding
+    full &= ~ragged[None, :, None] & ~ragged[None, None, :]
 
     def band(b, h, q_idx, kv_idx):
-        return (index[b, q_idx] - index[b, kv_idx]).abs() <= radius
+        return (padded[b, q_idx] - padded[b, kv_idx]).abs() <= radius
 
-    batch, m = index.shape
-    if index.is_cuda:
-        block_mask = _create_block_mask_compiled(band, batch, None, m, m, device=index.device)
-    else:
-        block_mask = create_block_mask(band, batch, None, m, m, device=index.device)
+    kwargs = {}
+    if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        kwargs["seq_lengths"] = (m, m)
+    block_mask = BlockMask.from_kv_blocks(
+        *_block_table(touches & ~full), *_block_table(full), BLOCK_SIZE=block, mask_mod=band, **kwargs
+    )
     _last_block_mask = (index, index._version, radius, block_mask)
     return block_mask
 

@@ -412,6 +412,7 @@ class SolutionFlow(Objective):
         loss = torch.cat([loss_fm, loss_scm, loss_mva]).sum() / B
         metrics = {"loss": loss.item(), "w": d.w, "n_fm": len(d.fm), "n_scm": len(scm), "n_mva": len(mva)}
         metrics["n_drop"] = int(d.dropped.sum())
+        metrics["mse_fm"] = err_fm.mean().item()  # unweighted: the adaptive weight keeps loss_fm near 1
         for name, part in (("loss_fm", loss_fm), ("loss_scm", loss_scm), ("loss_mva", loss_mva)):
             if len(part):
                 metrics[name] = part.mean().item()
