@@ -160,10 +160,10 @@ class TrainSection(Section):
         "auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
     )
     out: str = Field("runs/demo", description="run directory")
-    save_every: int = Field(0, ge=0, description="checkpoint every n steps (0 = only at the end)")
+    save_every: int = Field(250, ge=0, description="checkpoint every n steps (0 = only at the end)")
     log_every: int = Field(1, ge=1, description="write metrics every n steps")
     preview_every: int = Field(
-        0, ge=0, description="write a sample preview every n steps (0 = only at the end)"
+        250, ge=0, description="write a sample preview PNG every n steps (0 = only at the end)"
     )
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
 
