@@ -66,7 +66,9 @@ def test_sampler_turns_noise_into_finite_latents_of_the_same_shape(name, steps, 
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     cond = Condition(labels=torch.tensor([0, 1, 2, 3]))
     with torch.no_grad():
-        out = sampler.sample(model.eval(), noise, cond, steps, 4.0, generator=torch.Generator().manual_seed(1))
+        out = sampler.sample(
+            model.eval(), noise, cond, steps, 4.0, generator=torch.Generator().manual_seed(1)
+        )
     assert out.shape == noise.shape and torch.isfinite(out).all()
     assert not torch.equal(out, noise)
 

@@ -19,7 +19,15 @@ def tiny_config(out, **train):
     return build_config(
         {
             "data": {"frames": 2, "height": 8, "width": 8},
-            "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "out": str(out), "preview_every": 0, "device": "cpu", **train},
+            "train": {
+                "steps": 6,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "out": str(out),
+                "preview_every": 0,
+                "device": "cpu",
+                **train,
+            },
             "sample": {"num": 2, "steps": 2},
         }
     )
