@@ -44,6 +44,10 @@ class Network:
     def _count(self, n: int, path: str, grad: bool) -> None:
         self.counts["weak" if path == "weak" else ("full_grad" if grad else "full_nograd")] += n
 
+    def _forward(self, model: nn.Module, x_t, t, s, cond, guidance, path: str, grad: bool) -> Tensor:
+        self._count(x_t.shape[0], path, grad)
+        return model(x_t, t, s, cond, guidance, path=path, keep=self._keep(x_t, path))
+
     def __call__(
         self,
         x_t: Tensor,
@@ -54,8 +58,7 @@ class Network:
         path: str = "full",
     ) -> Tensor:
         """F of the online model; gradient flows when torch.is_grad_enabled()."""
-        self._count(x_t.shape[0], path, torch.is_grad_enabled())
-        return self.model(x_t, t, s, cond, guidance, path=path, keep=self._keep(x_t, path))
+        return self._forward(self.model, x_t, t, s, cond, guidance, path, torch.is_grad_enabled())
 
     @torch.no_grad()
     def ema(
@@ -69,8 +72,7 @@ class Network:
     ) -> Tensor:
         """F of the EMA model (no gradient); falls back to the online model under no_grad if there is none."""
         model = self.ema_model if self.ema_model is not None else self.model
-        self._count(x_t.shape[0], path, False)
-        return model(x_t, t, s, cond, guidance, path=path, keep=self._keep(x_t, path))
+        return self._forward(model, x_t, t, s, cond, guidance, path, False)
 
     def solution(
         self,
