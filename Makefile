@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
-DEMO_STEPS ?= 400
+# the demo budget: 8-frame 16x16 clips (128 tokens with tiny's 1x4x4 patch), ~4 minutes on 2 CPU cores
+DEMO_FLAGS ?= --steps 1200 --size 16 --batch-size 16 --lr 1e-3
 
 .PHONY: setup demo test lint clean
 
@@ -21,8 +22,8 @@ $(BIN)/eflow: pyproject.toml
 setup: $(BIN)/eflow
 
 demo: setup
-	$(BIN)/eflow train --steps $(DEMO_STEPS) --out $(DEMO_OUT) --overwrite
-	$(BIN)/eflow sample $(DEMO_OUT) --steps 4 --num 8
+	$(BIN)/eflow train $(DEMO_FLAGS) --out $(DEMO_OUT) --overwrite
+	$(BIN)/eflow sample $(DEMO_OUT) --steps 4 --num 10
 
 test: setup
 	$(BIN)/python -m pytest -q
