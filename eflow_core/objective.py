@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -37,7 +38,7 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class Objective:
+class Objective(ABC):
     """Base class of objective plugins.
 
     loss(net, batch, info) -> LossOutput, where `net` is an eflow.network.Network (call it like the model:
@@ -48,9 +49,10 @@ class Objective:
     #: the sampler `eflow sample` uses by default for runs trained with this objective
     default_sampler: str = "euler"
 
+    @abstractmethod
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
-        raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+        """The step's loss and metrics."""
 
+    @abstractmethod
     def cost(self, mva_share: float = 0.0) -> ForwardCost:
         """Expected forward passes per sample (declared, so runs can be compared before they start)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement cost()")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,7 +18,7 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(nn.Module, metaclass=ABCMeta):
     """Multi-head self-attention over the kept tokens; subclasses implement `attend`.
 
     forward(x, ctx): qkv = Linear(D, 3D)(x); RMSNorm over the full D of q and of k (Wan-style);
@@ -51,9 +53,9 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
         return q, k, v
 
+    @abstractmethod
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         """Mix values: q, k, v [B, M, H, d] (x [B, M, D] for gates) -> [B, M, H, d]. The backend's seam."""
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
