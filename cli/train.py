@@ -179,7 +179,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Train a video DiT (default: the EFlow recipe: GLGA, PDG-SFM + MVA, SPRINT 75% drop for 80% of steps)."""
-        from eflow.assembly import validate_plugins
+        from eflow.assembly import resolve_plugin_options, validate_plugins
         from eflow.train.trainer import Trainer
 
         with user_errors():
@@ -211,6 +211,7 @@ def register(app: typer.Typer) -> None:
                     "objective.options.mva (--mva) needs an objective of the SFM family (sfm, pdg-sfm), not fm"
                 )
             validate_plugins(cfg)
+            resolve_plugin_options(cfg)
             if print_config:
                 typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
                 return

@@ -94,6 +94,21 @@ def build_parts(cfg: RunConfig, *, with_dataset: bool = True) -> Parts:
     )
 
 
+def resolve_plugin_options(cfg: RunConfig) -> None:
+    """Write the objective's, token drop's and sampler's options out in full (defaults included), so the
+    run's config.json records every choice (e.g. which stop-gradient target SCM and MVA used)."""
+    from eflow.sampling import sampler_name
+
+    for kind, section, name, field in (
+        ("objective", cfg.objective, cfg.objective.name, "options"),
+        ("token_drop", cfg.token_drop, cfg.token_drop.name, "options"),
+        ("sampler", cfg.sample, sampler_name(cfg), "sampler_options"),
+    ):
+        parsed = get_registry(kind).get(name).parse_options(getattr(section, field))
+        if parsed is not None:
+            setattr(section, field, parsed.model_dump(mode="json"))
+
+
 def validate_plugins(cfg: RunConfig) -> None:
     """Check every plugin name and options block of `cfg` against the registries before any work starts."""
     checks = [

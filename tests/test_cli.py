@@ -46,7 +46,10 @@ def test_train_writes_a_complete_run_directory(trained_run):
     for name in ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl"):
         assert (trained_run / name).is_file(), name
     cfg = json.loads((trained_run / "config.json").read_text())
-    assert cfg["objective"] == {"name": "pdg-sfm", "options": {"mva": True}}
+    options = cfg["objective"]["options"]  # resolved in full: every choice is on record
+    assert cfg["objective"]["name"] == "pdg-sfm" and options["mva"] is True
+    assert options["target"] == "online" and options["mva_target"] == "ema"  # the stop-gradient targets
+    assert cfg["token_drop"]["options"]["group"] == [2, 2, 2]
     assert cfg["data"]["num_classes"] >= 8
 
 
