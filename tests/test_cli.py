@@ -136,3 +136,21 @@ def test_unwritable_out(tmp_path):
 def test_bad_size_and_bad_override():
     assert_clean_error(run("train", "--size", "big", *TINY[:2]), "--size 'big'")
     assert_clean_error(run("train", "--set", "train.steps", *TINY[:2]), "expected KEY=VALUE")
+
+
+def test_text_conditioned_run_trains_and_samples_from_captions(tmp_path):
+    out = tmp_path / "text"
+    result = run("train", "--condition", "text", "--steps", 2, "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["data"]["condition"] == "text"
+    result = run("sample", out, "--caption", "a red square moving left", "--caption", "a cyan circle growing",
+                 "--steps", 2, "--out", tmp_path / "s")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "sampled 2 videos" in result.output
+    assert read_video(tmp_path / "s" / "samples.mp4").shape[0] == 4
+
+
+def test_caption_on_a_label_run_is_refused(trained_run):
+    assert_clean_error(
+        run("sample", trained_run, "--caption", "a red square"), "--caption needs a text-conditioned run"
+    )
