@@ -15,6 +15,7 @@ from torch import Tensor
 
 from eflow.condition import Condition
 from eflow.registry import hookimpl
+from eflow.sampler import Sampler
 from eflow.timesteps import sampling_schedule
 
 
@@ -28,12 +29,8 @@ class EulerOptions(BaseModel):
     )
 
 
-class EulerSampler:
+class EulerSampler(Sampler):
     """N Euler steps on the shifted grid 1 = t_N > ... > t_0 = 0; `last_nfe` = network evaluations per sample."""
-
-    def __init__(self, shift: float = 3.0):
-        self.shift = shift
-        self.last_nfe = 0
 
     @torch.no_grad()
     def sample(

@@ -16,6 +16,7 @@ from torch import Tensor
 from eflow.condition import Condition
 from eflow.network import solution_map
 from eflow.registry import hookimpl
+from eflow.sampler import Sampler
 from eflow.timesteps import randn_like, sampling_schedule
 
 
@@ -27,12 +28,8 @@ class SolutionOptions(BaseModel):
     shift: float = Field(3.0, gt=0, description="shift of the inference time grid; EFlow B.3 (shift = 3)")
 
 
-class SolutionSampler:
+class SolutionSampler(Sampler):
     """Algorithm 2 with N steps (N = 1: one jump f(x1, 1, 0)); `last_nfe` = network evaluations per sample (= N)."""
-
-    def __init__(self, shift: float = 3.0):
-        self.shift = shift
-        self.last_nfe = 0
 
     @torch.no_grad()
     def sample(

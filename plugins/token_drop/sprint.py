@@ -8,6 +8,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
+from eflow.token_drop import TokenDrop
+
 
 class SprintOptions(BaseModel):
     """Options of the `sprint` strategy."""
@@ -26,7 +28,7 @@ class SprintOptions(BaseModel):
         return group
 
 
-class SprintDrop:
+class SprintDrop(TokenDrop):
     """Splits the (T', H', W') grid into groups and keeps k random members of each.
 
     k = max(1, round_half_up(size * (1 - ratio))) per group: 2 of a 2x2x2 group at 75%, 1 of a 2x2 group
@@ -54,13 +56,8 @@ class SprintDrop:
         """k [G]: round_half_up(size * (1 - ratio)), at least 1."""
         return torch.floor(sizes.double() * (1.0 - ratio) + 0.5 + 1e-9).long().clamp(min=1)
 
-    def select(
-        self, grid: tuple[int, int, int], batch: int, ratio: float, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def keep(self, grid, batch, ratio, generator, device) -> Tensor:
         """[B, M] sorted raster indices, M = sum of k over groups."""
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"token-drop ratio must be in [0, 1), got {ratio}")
-        device = generator.device if generator is not None else torch.device("cpu")
         group_id, sizes = self.layout(grid)
         group_id, sizes = group_id.to(device), sizes.to(device)
         k = self.keep_per_group(sizes, ratio)  # [G]
