@@ -24,7 +24,6 @@ def info(
     """Parameter counts, total and per part, of a preset with an attention backend."""
     import torch
 
-    from eflow.assembly import validate_plugins  # noqa: F401  (plugins load with the registry)
     from eflow.model.dit import build_model
     from eflow.registry import get_registry
 

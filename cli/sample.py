@@ -32,8 +32,6 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(help="output directory (default: RUN_DIR/samples)")] = None,
     ) -> None:
         """Sample videos from a trained run."""
-        import torch
-
         from eflow.assembly import build_parts, resolve_device
         from eflow.condition import Condition
         from eflow.config import load_run_config
@@ -91,7 +89,6 @@ def register(app: typer.Typer) -> None:
                 paths = write_samples(videos, out_dir, cfg.sample.fps)
             except OSError as err:
                 raise EflowError(f"cannot write to --out {out_dir}: {err.strerror or err}") from None
-            del torch
             err_console.print(
                 f"[green]sampled[/] {n} videos with '{name}' ({steps_} steps, w={w}) from {weights} weights "
                 f"at step {step}:"

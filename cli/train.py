@@ -10,7 +10,7 @@ import typer
 
 from eflow.cli.errors import err_console, user_errors
 from eflow.cli.options import apply_overrides, choices, parse_size
-from eflow.config import RunConfig, build_config, load_run_config, load_toml
+from eflow.config import RunConfig, build_config, load_run_config, load_toml, set_dotted
 from eflow.errors import ConfigError
 
 MODEL, DATA, OPT, SCHED, RUN = "Model", "Data", "Objective & optimization", "Token drop schedule", "Run"
@@ -38,8 +38,6 @@ def flags_layer(**flags: Any) -> dict[str, Any]:
         "threads": "train.threads",
         "precision": "train.precision",
     }
-    from eflow.config import set_dotted
-
     for flag, dotted in paths.items():
         if flags.get(flag) is not None:
             set_dotted(layer, dotted, flags[flag])

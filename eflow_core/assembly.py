@@ -112,7 +112,7 @@ def resolve_plugin_options(cfg: RunConfig) -> None:
 def validate_plugins(cfg: RunConfig) -> None:
     """Check every plugin name and options block of `cfg` against the registries before any work starts."""
     checks = [
-        ("attention", cfg.model.attention, None),
+        ("attention", cfg.model.attention, cfg.model.attention_options),
         ("objective", cfg.objective.name, cfg.objective.options),
         ("token_drop", cfg.token_drop.name, cfg.token_drop.options),
         ("dataset", cfg.data.name, cfg.data.options),
@@ -124,9 +124,4 @@ def validate_plugins(cfg: RunConfig) -> None:
 
     checks.append(("sampler", sampler_name(cfg), cfg.sample.sampler_options))
     for kind, name, options in checks:
-        entry = get_registry(kind).get(name)
-        if options is not None:
-            entry.parse_options(options)
-    attn = get_registry("attention").get(cfg.model.attention)
-    if cfg.model.attention_options:
-        attn.parse_options(cfg.model.attention_options)
+        get_registry(kind).get(name).parse_options(options)

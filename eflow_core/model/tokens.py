@@ -40,7 +40,9 @@ class TokenContext:
             return x
         dense = x.new_empty(b, self.num_tokens, d)
         dense[:] = fill
-        return dense.scatter(1, self.index.unsqueeze(-1).expand(-1, -1, d), x)
+        return dense.scatter_(
+            1, self.index.unsqueeze(-1).expand(-1, -1, d), x
+        )  # in place: one [B, N, D] buffer
 
     def gather(self, dense: Tensor) -> Tensor:
         """[B, N, D] dense grid -> [B, M, D] kept tokens."""
