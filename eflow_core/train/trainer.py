@@ -253,7 +253,7 @@ class Trainer:
         last_loss = float("nan")
         progress = Progress(
             TextColumn("[bold]train[/]"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
@@ -276,7 +276,7 @@ class Trainer:
                     progress.update(
                         task,
                         completed=done,
-                        info=f"loss {last_loss:.4f}  {record['it_s']:.2f} it/s  stage {record['stage']} "
+                        info=f"loss {last_loss:.4f} {record['it_s']:.1f} it/s stage {record['stage']} "
                         f"(drop {record['drop_ratio']:.2f}, mva {record['mva_share']:.2f})",
                     )
                     if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
