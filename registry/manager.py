@@ -35,6 +35,18 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("shapes", "eflow.plugins.datasets.shapes"),
     ("pixel", "eflow.plugins.autoencoders.pixel"),
     ("hashed-words", "eflow.plugins.text_encoders.hashed_words"),
+    ("sana", "eflow.plugins.attention.sana"),
+    ("sla", "eflow.plugins.attention.sla"),
+    ("vsa", "eflow.plugins.attention.vsa"),
+    ("tile", "eflow.plugins.attention.tile"),
+    ("video-folder", "eflow.plugins.datasets.video_folder"),
+    ("captions", "eflow.plugins.datasets.captions"),
+    ("latents", "eflow.plugins.datasets.latents"),
+    ("wan", "eflow.plugins.autoencoders.wan"),
+    ("minilm", "eflow.plugins.text_encoders.minilm"),
+    ("t5", "eflow.plugins.text_encoders.t5"),
+    ("i3d", "eflow.plugins.feature_extractors.i3d"),
+    ("indomain", "eflow.plugins.feature_extractors.indomain"),
 )
 
 HOOK_OF_KIND = {

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eflow.model.feed_forward import FeedForward
 from eflow.model.self_attention import RMSNorm
 from eflow.model.tokens import TokenContext
 
@@ -47,21 +48,11 @@ class CrossAttention(nn.Module):
         return self.proj(o.transpose(1, 2).flatten(2))  # [B, M, D]
 
 
-class FeedForward(nn.Module):
-    """The block's MLP: Linear -> GELU(tanh) -> Linear."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class DiTBlock(nn.Module):
     """AdaLN-Zero block: modulated self-attention (a registry backend), text cross-attention, modulated FFN.
+
+    The FFN is the backend's `feed_forward(dim, ffn_dim)` when it defines one (Sana's Mix-FFN), else the
+    MLP; either is called as ffn(x, ctx).
 
     The modulation is the model's shared time projection [B, 6, D] plus this block's learned [1, 6, D]
     (Wan 2.1): (shift, scale, gate) for attention, then for the FFN. Gates start at zero.
@@ -76,7 +67,8 @@ class DiTBlock(nn.Module):
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
         self.cross_attn = CrossAttention(dim, num_heads) if cross_attention else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ffn = FeedForward(dim, ffn_dim)
+        make_ffn = getattr(attn, "feed_forward", None)  # SelfAttention defines it; other modules may not
+        self.ffn = make_ffn(dim, ffn_dim) if make_ffn is not None else FeedForward(dim, ffn_dim)
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(
@@ -94,7 +86,7 @@ class DiTBlock(nn.Module):
         x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), ctx)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
-        x = x + gate_f * self.ffn(modulate(self.norm2(x), shift_f, scale_f))
+        x = x + gate_f * self.ffn(modulate(self.norm2(x), shift_f, scale_f), ctx)
         return x
 
 

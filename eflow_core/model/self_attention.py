@@ -7,6 +7,7 @@ from abc import ABCMeta, abstractmethod
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eflow.model.feed_forward import FeedForward
 from eflow.model.rope import apply_rope
 from eflow.model.tokens import TokenContext
 
@@ -56,6 +57,26 @@ class SelfAttention(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         """Mix values: q, k, v [B, M, H, d] (x [B, M, D] for gates) -> [B, M, H, d]. The backend's seam."""
+
+    def flops(self, ctx: TokenContext, batch: int) -> float | None:
+        """Forward FLOPs of `attend` for `batch` samples on ctx's M tokens (2 per multiply-add, matmuls only).
+
+        None when the count is not defined for this backend (then benchmarks report no TF/s). Forward plus
+        backward counts as 3.5x this (the convention of notes/gpu-anchors.md).
+        """
+        return None
+
+    def kernel(self, q: Tensor) -> str:
+        """Which kernel serves `attend` for inputs like q [B, M, H, d] on q's device (reported by benchmarks)."""
+        return "eager torch ops"
+
+    def feed_forward(self, dim: int, hidden: int) -> nn.Module:
+        """The FFN of a block using this backend, called as ffn(x [B, M, D], ctx) -> [B, M, D].
+
+        The default is the token-wise MLP; a backend whose method includes its own FFN (Sana's Mix-FFN)
+        overrides this.
+        """
+        return FeedForward(dim, hidden)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"

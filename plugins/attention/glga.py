@@ -64,6 +64,14 @@ def window_radius(grid: tuple[int, int, int], window_frames: int) -> int:
     return (window_frames * grid[1] * grid[2]) // 2
 
 
+def window_pairs(index: Tensor, radius: int) -> int:
+    """Number of (query, key) pairs with |n_i - n_j| <= radius over sorted raster indices [B, M], summed over B."""
+    index = index.contiguous()
+    lo = torch.searchsorted(index, index - radius, side="left")
+    hi = torch.searchsorted(index, index + radius, side="right")
+    return int((hi - lo).sum())
+
+
 def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Denominator-free Q (K^T V) per head, [B, M, H, d] -> [B, M, H, d] in fp32 (fp64 stays fp64)."""
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -198,6 +206,35 @@ class GLGAttention(SelfAttention):
             return o_global + o_local
         g = torch.sigmoid(self.gate(x)).unflatten(-1, (2, -1))[..., None]  # [B, M, 2, 1 or H, 1]
         return g[:, :, 0] * o_global + g[:, :, 1] * o_local  # (7), (8)
+
+    def flops(self, ctx: TokenContext, batch: int) -> float:
+        """Linear branch 4 M d^2 per head; band 4 d per (query, key in its window) per head; gate 4 M D."""
+        h, d, m = self.num_heads, self.head_dim, ctx.index.shape[1]
+        total = 0.0
+        if self.use_global:
+            total += 4.0 * batch * h * m * d * d
+        if self.use_local:
+            total += (
+                4.0
+                * h
+                * d
+                * window_pairs(ctx.index, window_radius(ctx.grid, self.window_frames))
+                * (batch / ctx.index.shape[0])
+            )
+        if self.gate is not None:
+            total += 2.0 * batch * m * self.dim * self.gate.out_features
+        return total
+
+    def kernel(self, q: Tensor) -> str:
+        impl = ("flex" if q.is_cuda else "reference") if self.impl == "auto" else self.impl
+        local = {
+            "flex": "flex_attention band" + (" (compiled)" if q.is_cuda else " (eager)"),
+            "reference": "SDPA with an M x M band mask",
+        }[impl]
+        parts = {"linear": ["fp32 einsum Q(K^T V)"], "window": [local]}.get(
+            self.branches, ["fp32 einsum Q(K^T V)", local]
+        )
+        return " + ".join(parts)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window_frames={self.window_frames}, branches={self.branches}, impl={self.impl}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -38,11 +40,41 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Te
     return o.transpose(1, 2)  # [B, M, H, d]
 
 
+@functools.cache
+def _sdpa_backend_serving(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> str:
+    """The first of CUDA_BACKENDS that accepts q, k, v of this [B, H, M, d] shape: what cuDNN-first SDPA runs."""
+    q = torch.zeros(shape, dtype=dtype, device=device)
+    for backend in CUDA_BACKENDS:
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, q, q)
+            return f"SDPA {backend.name.lower()}"
+        except RuntimeError:
+            continue
+    return "SDPA (no backend accepted the inputs)"
+
+
+def sdpa_kernel_name(q: Tensor) -> str:
+    """Which SDPA backend serves q [B, M, H, d] (probed once per shape on CUDA; CPU picks its own)."""
+    if not q.is_cuda:
+        return "SDPA (CPU)"
+    _, m, h, d = q.shape
+    return _sdpa_backend_serving((1, h, min(m, 256), d), q.dtype, str(q.device))
+
+
 class SoftmaxAttention(SelfAttention):
     """Full softmax attention over the kept tokens; dropping needs no special care."""
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         return sdpa(q, k, v)
+
+    def flops(self, ctx: TokenContext, batch: int) -> float:
+        """QK^T and PV: 4 M^2 d per head."""
+        m = ctx.index.shape[1]
+        return 4.0 * batch * self.num_heads * m * m * self.head_dim
+
+    def kernel(self, q: Tensor) -> str:
+        return sdpa_kernel_name(q)
 
 
 @hookimpl

@@ -1,0 +1,1 @@
+"""Evaluation: Frechet distance, feature extraction, sample class accuracy."""

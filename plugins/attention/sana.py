@@ -1,0 +1,1 @@
+"""Plugin `sana` (being written this session)."""

@@ -1,0 +1,1 @@
+"""Plugin `sla` (being written this session)."""

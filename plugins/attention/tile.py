@@ -1,0 +1,1 @@
+"""Plugin `tile` (being written this session)."""

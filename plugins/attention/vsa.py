@@ -1,0 +1,1 @@
+"""Plugin `vsa` (being written this session)."""

@@ -1,0 +1,1 @@
+"""Plugin `wan` (being written this session)."""

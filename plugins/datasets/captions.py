@@ -1,0 +1,1 @@
+"""Plugin `captions` (being written this session)."""

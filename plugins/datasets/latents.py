@@ -1,0 +1,1 @@
+"""Plugin `latents` (being written this session)."""

@@ -1,0 +1,1 @@
+"""Plugin `video-folder` (being written this session)."""

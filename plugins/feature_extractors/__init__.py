@@ -1,0 +1,1 @@
+"""Built-in feature extractors (FVD features, classifiers)."""

@@ -1,0 +1,1 @@
+"""Plugin `i3d` (being written this session)."""

@@ -1,0 +1,1 @@
+"""Plugin `indomain` (being written this session)."""

@@ -1,0 +1,1 @@
+"""Plugin `minilm` (being written this session)."""

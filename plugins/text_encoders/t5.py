@@ -1,0 +1,1 @@
+"""Plugin `t5` (being written this session)."""
