@@ -79,6 +79,13 @@ def test_softmax_blocks_are_interleaved_every_k_efficient_blocks():
     assert set(everywhere.block_attention) == {"softmax"}
 
 
+@pytest.mark.parametrize("baseline", ["sana", "sla", "vsa", "tile"])
+def test_baselines_replace_every_block_and_only_glga_is_hybrid(baseline):
+    with torch.device("meta"):
+        model = build_model("B", attention=baseline)
+    assert set(model.block_attention) == {baseline}  # no interleaved softmax blocks (EFlow Table 2 counts)
+
+
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(
         EflowError, match=re.escape("unknown model preset 'L'; choices: tiny, B, XL, XXL, 1.5B")

@@ -28,7 +28,8 @@ class VideoDiT(nn.Module):
 
     patchify -> encoder (dense) -> [drop] -> middle (kept tokens) -> [restore with MASK] ->
     fuse(concat(middle, encoder copy)) -> decoder (dense) -> AdaLN head -> unpatchify.
-    Efficient blocks use `attention`; global block i is full softmax when spec.is_softmax_block(i).
+    Blocks use `attention`; for a hybrid backend (GLGA: `hybrid = True`) global block i is full softmax
+    when spec.is_softmax_block(i), while baselines (Sana, SLA, VSA, tiles) replace every block.
     in_channels / num_classes / text_dim of None take the spec's; text_dim alone (num_classes None)
     makes a text-only model, num_classes=0 drops the class embedding.
     """
@@ -68,8 +69,9 @@ class VideoDiT(nn.Module):
         self.text_embed = TextProjection(spec.text_dim, dim) if spec.text_dim else None
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # shared by every block
 
+        hybrid = getattr(get_registry("attention").get(attention).factory, "hybrid", False)
         self.block_attention = [
-            "softmax" if attention == "softmax" or spec.is_softmax_block(i) else attention
+            "softmax" if attention == "softmax" or (hybrid and spec.is_softmax_block(i)) else attention
             for i in range(spec.depth)
         ]
         blocks = [

@@ -163,6 +163,8 @@ def local_attention_flex(q: Tensor, k: Tensor, v: Tensor, index: Tensor, radius:
 class GLGAttention(SelfAttention):
     """Gated sum of a global linear-attention branch and a local sliding-window softmax branch."""
 
+    hybrid = True  # one full softmax block every K GLGA blocks (EFlow 4.1)
+
     def __init__(
         self,
         dim: int,

@@ -1,1 +1,222 @@
-"""Plugin `tile` (being written this session)."""
+"""Efficient-vDiT's "Attention Tile": softmax within each latent frame plus a few global reference frames.
+
+Shared projections (see SelfAttention): Q, K with RMSNorm and RoPE, V, per head of size d. A token's
+latent frame is f_i = n_i // (H' W'), n_i its raster index on the full grid (so dropped tokens are
+simply absent keys). With R reference frames and a frame window w:
+
+    A(i) = { kept j : |f_i - f_j| <= w  or  f_j < R }
+    o_i  = softmax( q_i K_A(i)^T / sqrt(d) ) V_A(i)
+
+Every query sees the kept tokens of its own frame (and of the w frames on each side) and of the first
+R frames, the tile pattern of the paper: block-diagonal frame tiles plus the reference-frame columns.
+The reference frames are the R leading frames (Efficient-vDiT's global reference is the first frame);
+their own queries attend as any other frame's do (own frame, window, reference frames), so the cost
+is O(M * (2w + 1 + R) H' W'): linear in the number of frames.
+
+Implementations: "reference" builds the M x M mask and calls SDPA (CPU); "flex" runs flex_attention
+with a block table built from each 128-token block's frame range (tile_block_mask, never M x M),
+compiled on CUDA, eager on CPU (forward only).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from eflow.model.attention_reference import dense_attention
+from eflow.model.self_attention import SelfAttention
+from eflow.model.tokens import TokenContext
+from eflow.plugins.attention.glga import BLOCK, _block_table, _compiled_flex_attention
+from eflow.registry import hookimpl
+
+_HAS_SEQ_LENGTHS = "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters  # newer torch
+_FAR_FRAME = 2**40  # frame given to padding: farther than any window from every real frame, never < R
+
+
+class TileOptions(BaseModel):
+    """Options of the tile attention backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference_frames: int = Field(
+        1, ge=0, description="R: every query also attends to the kept tokens of the first R latent frames."
+    )
+    frame_window: int = Field(
+        0, ge=0, description="w: a query attends to the frames within w of its own (0 = its own frame only)."
+    )
+    impl: Literal["auto", "reference", "flex"] = Field(
+        "auto",
+        description="'reference' (dense masked SDPA), 'flex' (block-sparse flex_attention), 'auto' (flex on "
+        "CUDA, reference on CPU). flex on CPU runs eagerly, forward only (tests).",
+    )
+
+
+def tile_mask(index: Tensor, tokens_per_frame: int, reference_frames: int, frame_window: int) -> Tensor:
+    """[B, M] raster indices -> [B, M, M] bool: key j is in a query's frame window or a reference frame."""
+    frame = index // tokens_per_frame
+    near = (frame[:, :, None] - frame[:, None, :]).abs() <= frame_window
+    return near | (frame[:, None, :] < reference_frames)
+
+
+def tile_pairs(index: Tensor, grid: tuple[int, int, int], reference_frames: int, frame_window: int) -> int:
+    """Number of (query, attended key) pairs, summed over the batch, from per-frame token counts."""
+    frames = grid[0]
+    frame = index // (grid[1] * grid[2])  # [B, M]
+    counts = torch.zeros(index.shape[0], frames, dtype=torch.float64, device=index.device)
+    counts.scatter_add_(1, frame, torch.ones_like(frame, dtype=torch.float64))  # [B, T']
+    f = torch.arange(frames, device=index.device)
+    allowed = ((f[:, None] - f[None, :]).abs() <= frame_window) | (f[None, :] < reference_frames)  # [T', T']
+    return int(torch.einsum("bf,fg,bg->", counts, allowed.double(), counts).item())
+
+
+def tile_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    tokens_per_frame: int,
+    reference_frames: int,
+    frame_window: int,
+) -> Tensor:
+    """Tile softmax through an explicit [B, 1, M, M] mask and SDPA: [B, M, H, d]."""
+    mask = tile_mask(index, tokens_per_frame, reference_frames, frame_window)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2)
+
+
+def _seq_lengths(m: int) -> dict:
+    """from_kv_blocks' seq_lengths=(M, M) where this torch accepts it (M need not be a block multiple)."""
+    return {"seq_lengths": (m, m)} if _HAS_SEQ_LENGTHS else {}
+
+
+_last_block_mask: tuple | None = None  # (index, index._version, key, BlockMask): blocks share ctx.index
+
+
+def tile_block_mask(
+    index: Tensor, tokens_per_frame: int, reference_frames: int, frame_window: int, block: int = BLOCK
+) -> BlockMask:
+    """Block mask of the tile pattern for sorted raster indices [B, M], from each block's frame range.
+
+    Frames are sorted along the kept tokens, so a block covers frames [first, last]. A key block touches
+    a query block when it holds a reference-frame token or the frame ranges come within w; it is full
+    when all its tokens are reference-frame tokens or every frame pair is within w. Blocks holding
+    padding are never full. O(B (M / block)^2) work, never M x M; reused while ctx.index comes back.
+    """
+    global _last_block_mask
+    key = (tokens_per_frame, reference_frames, frame_window, block)
+    cached = _last_block_mask
+    if cached is not None and cached[0] is index and cached[1] == index._version and cached[2] == key:
+        return cached[3]
+    m = index.shape[1]
+    nb = -(-m // block)
+    frame = index // tokens_per_frame  # [B, M]
+    padded = F.pad(frame, (0, nb * block - m), value=_FAR_FRAME)  # [B, nb * block]
+    first = padded[:, ::block]  # [B, nb]: the first token of every block is real
+    last = frame[:, (torch.arange(nb, device=index.device) * block + block - 1).clamp(max=m - 1)]
+    q_lo, q_hi, k_lo, k_hi = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
+    w, r = frame_window, reference_frames
+    touches = ((k_hi >= q_lo - w) & (k_lo <= q_hi + w)) | (k_lo < r)  # [B, QB, KB]
+    full = ((k_lo >= q_hi - w) & (k_hi <= q_lo + w)) | (k_hi < r)
+    ragged = torch.zeros(nb, dtype=torch.bool, device=index.device)
+    ragged[-1] = nb * block != m  # a block holding padding needs the mask_mod to hide the padding
+    full &= ~ragged[None, :, None] & ~ragged[None, None, :]
+
+    def tile(b, h, q_idx, kv_idx):
+        return ((padded[b, q_idx] - padded[b, kv_idx]).abs() <= w) | (padded[b, kv_idx] < r)
+
+    block_mask = BlockMask.from_kv_blocks(
+        *_block_table(touches & ~full),
+        *_block_table(full),
+        BLOCK_SIZE=block,
+        mask_mod=tile,
+        **_seq_lengths(m),
+    )
+    _last_block_mask = (index, index._version, key, block_mask)
+    return block_mask
+
+
+def tile_attention_flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    tokens_per_frame: int,
+    reference_frames: int,
+    frame_window: int,
+) -> Tensor:
+    """Tile softmax with flex_attention (compiled on CUDA, eager on CPU): [B, M, H, d]."""
+    block_mask = tile_block_mask(index, tokens_per_frame, reference_frames, frame_window)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
+    if q.is_cuda:
+        o = _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    else:
+        with warnings.catch_warnings():  # eager flex on CPU is the test path; its unfused warning is moot
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            o = flex_attention(q, k, v, block_mask=block_mask)
+    return o.transpose(1, 2)
+
+
+class TileAttention(SelfAttention):
+    """Softmax over the kept tokens of a query's own frame (+- frame_window) and the reference frames."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        reference_frames: int = 1,
+        frame_window: int = 0,
+        impl: Literal["auto", "reference", "flex"] = "auto",
+    ):
+        super().__init__(dim, num_heads)
+        opts = TileOptions(reference_frames=reference_frames, frame_window=frame_window, impl=impl)
+        self.reference_frames, self.frame_window, self.impl = (
+            opts.reference_frames,
+            opts.frame_window,
+            opts.impl,
+        )
+
+    def resolved_impl(self, q: Tensor) -> str:
+        """'flex' or 'reference' for inputs on q's device."""
+        return ("flex" if q.is_cuda else "reference") if self.impl == "auto" else self.impl
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
+        run = tile_attention_flex if self.resolved_impl(q) == "flex" else tile_attention_reference
+        return run(q, k, v, ctx.index, ctx.tokens_per_frame, self.reference_frames, self.frame_window)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
+        """Dense softmax with the explicit tile mask (plain torch): [B, M, H, d]."""
+        mask = tile_mask(ctx.index, ctx.tokens_per_frame, self.reference_frames, self.frame_window)
+        return dense_attention(q, k, v, mask)
+
+    def flops(self, ctx: TokenContext, batch: int) -> float:
+        """4 d per (query, attended key) pair per head (QK^T and PV), over the pairs the mask allows."""
+        pairs = tile_pairs(ctx.index, ctx.grid, self.reference_frames, self.frame_window)
+        return 4.0 * self.num_heads * self.head_dim * pairs * (batch / ctx.index.shape[0])
+
+    def kernel(self, q: Tensor) -> str:
+        if self.resolved_impl(q) == "flex":
+            return "flex_attention frame tiles" + (" (compiled)" if q.is_cuda else " (eager)")
+        return "SDPA with an M x M frame-tile mask"
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, reference_frames={self.reference_frames}, "
+            f"frame_window={self.frame_window}, impl={self.impl}"
+        )
+
+
+@hookimpl
+def register_attention(register):
+    register(
+        "tile",
+        TileAttention,
+        summary="Efficient-vDiT Attention Tile: softmax within each frame plus global reference frames; droppable.",
+        options=TileOptions,
+    )
