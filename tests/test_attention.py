@@ -61,7 +61,19 @@ def glga_reference(module, q, k, v, ctx, x):
     return g[:, :, 0] * o_global + g[:, :, 1] * o_local
 
 
-REFERENCES = {"softmax": softmax_reference, "glga": glga_reference}
+REFERENCES = {
+    "softmax": softmax_reference,
+    "glga": glga_reference,
+}  # written here, independent of the modules
+
+
+@pytest.mark.parametrize("name", ["softmax", "glga"])
+def test_module_reference_methods_agree_with_the_test_references(name):
+    module = perturbed(get_registry("attention").create(name, DIM, HEADS)).double()
+    ctx = make_ctx(keep=40)
+    x = torch.randn(BATCH, ctx.index.shape[1], DIM, dtype=torch.float64)
+    q, k, v = module.project(x, ctx)
+    torch.testing.assert_close(module.reference(q, k, v, ctx, x), REFERENCES[name](module, q, k, v, ctx, x))
 
 
 def make_ctx(grid=GRID, batch=BATCH, keep=None, head_dim=DIM // HEADS, seed=0, device="cpu"):

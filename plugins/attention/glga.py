@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from eflow.model.attention_reference import dense_attention, linear_attention_reference, window_mask
 from eflow.model.self_attention import RMSNorm, SelfAttention
 from eflow.model.tokens import TokenContext
 from eflow.registry import hookimpl
@@ -208,6 +209,23 @@ class GLGAttention(SelfAttention):
             return o_global + o_local
         g = torch.sigmoid(self.gate(x)).unflatten(-1, (2, -1))[..., None]  # [B, M, 2, 1 or H, 1]
         return g[:, :, 0] * o_global + g[:, :, 1] * o_local  # (7), (8)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
+        """Eqs. (5)-(8) with explicit loops and an explicit M x M window mask (plain torch, any dtype)."""
+
+        def rms(o: Tensor, weight: Tensor) -> Tensor:
+            return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+        o_global = o_local = 0
+        if self.use_global:
+            o_global = rms(linear_attention_reference(q, k, v), self.norm_global.weight)
+        if self.use_local:
+            mask = window_mask(ctx.index, window_radius(ctx.grid, self.window_frames))
+            o_local = rms(dense_attention(q, k, v, mask), self.norm_local.weight)
+        if self.branches != "gated":
+            return o_global + o_local  # "sum"; "linear" / "window" have the other branch at 0
+        g = torch.sigmoid(x @ self.gate.weight.T + self.gate.bias).unflatten(-1, (2, -1))[..., None]
+        return g[:, :, 0] * o_global + g[:, :, 1] * o_local
 
     def flops(self, ctx: TokenContext, batch: int) -> float:
         """Linear branch 4 M d^2 per head; band 4 d per (query, key in its window) per head; gate 4 M D."""

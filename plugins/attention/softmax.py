@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from eflow.model.attention_reference import dense_attention
 from eflow.model.self_attention import SelfAttention
 from eflow.model.tokens import TokenContext
 from eflow.registry import hookimpl
@@ -67,6 +68,10 @@ class SoftmaxAttention(SelfAttention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         return sdpa(q, k, v)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
+        """Explicit softmax(q k^T / sqrt(d)) v over all kept tokens (plain torch, any dtype)."""
+        return dense_attention(q, k, v)
 
     def flops(self, ctx: TokenContext, batch: int) -> float:
         """QK^T and PV: 4 M^2 d per head."""
