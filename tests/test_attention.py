@@ -195,6 +195,18 @@ def test_glga_flex_matches_reference_on_cpu(branches, dropped):
         torch.testing.assert_close(flex(x, ctx), reference(x, ctx), atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("keep", [None, 40])
+def test_flex_band_on_inputs_padded_to_the_block_equals_the_reference(keep):
+    from eflow.plugins.attention.glga import local_attention_flex, local_attention_reference
+
+    ctx = make_ctx(grid=(3, 7, 9), keep=keep)  # 189 or 40 tokens: not multiples of 128
+    m = ctx.index.shape[1]
+    q, k, v = (torch.randn(BATCH, m, HEADS, DIM // HEADS, dtype=torch.float64) for _ in range(3))
+    expected = local_attention_reference(q, k, v, ctx.index, 30)
+    padded = local_attention_flex(q, k, v, ctx.index, 30, pad_to_block=True)
+    torch.testing.assert_close(padded, expected)
+
+
 def test_band_block_mask_is_reused_for_the_same_index():
     ctx = make_ctx(keep=30)
     first = band_block_mask(ctx.index, 10)

@@ -100,7 +100,7 @@ def _compiled_flex_attention():
 BLOCK = 128  # flex_attention's default block size (queries and keys)
 _FAR = 2**40  # raster index given to padding: farther than any radius from every real token
 
-_last_block_mask: tuple | None = None  # (index, index._version, radius, BlockMask): blocks share ctx.index
+_last_block_mask: tuple | None = None  # (index, version, radius, padded, BlockMask): blocks share ctx.index
 
 
 def _block_table(select: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,17 +110,19 @@ def _block_table(select: Tensor) -> tuple[Tensor, Tensor]:
     return num[:, None], order[:, None]
 
 
-def band_block_mask(index: Tensor, radius: int, block: int = BLOCK) -> BlockMask:
+def band_block_mask(index: Tensor, radius: int, block: int = BLOCK, pad_inputs: bool = False) -> BlockMask:
     """Block mask of |index[b, q] - index[b, kv]| <= radius for sorted raster indices [B, M].
 
     The block table is built from each block's smallest and largest raster index (O(B (M / block)^2),
     never M x M): a key block touches a query block when their index ranges come within `radius`, and
     is full when every pair does. Reused while the same index tensor comes back (blocks share ctx.index).
+    pad_inputs: q, k, v will be zero-padded to a multiple of `block` (padding is given a raster index farther
+    than any radius, so no real token sees it).
     """
     global _last_block_mask
     cached = _last_block_mask
-    if cached is not None and cached[0] is index and cached[1] == index._version and cached[2] == radius:
-        return cached[3]
+    if cached is not None and cached[0] is index and cached[1:4] == (index._version, radius, pad_inputs):
+        return cached[4]
     m = index.shape[1]
     nb = -(-m // block)
     padded = F.pad(index, (0, nb * block - m), value=_FAR)  # [B, nb * block]
@@ -140,17 +142,28 @@ def band_block_mask(index: Tensor, radius: int, block: int = BLOCK) -> BlockMask
 
     kwargs = {}
     if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
-        kwargs["seq_lengths"] = (m, m)
+        length = nb * block if pad_inputs else m
+        kwargs["seq_lengths"] = (length, length)
     block_mask = BlockMask.from_kv_blocks(
         *_block_table(touches & ~full), *_block_table(full), BLOCK_SIZE=block, mask_mod=band, **kwargs
     )
-    _last_block_mask = (index, index._version, radius, block_mask)
+    _last_block_mask = (index, index._version, radius, pad_inputs, block_mask)
     return block_mask
 
 
-def local_attention_flex(q: Tensor, k: Tensor, v: Tensor, index: Tensor, radius: int) -> Tensor:
-    """Band softmax with flex_attention (compiled on CUDA, eager on CPU): [B, M, H, d]."""
-    block_mask = band_block_mask(index, radius)
+def local_attention_flex(
+    q: Tensor, k: Tensor, v: Tensor, index: Tensor, radius: int, pad_to_block: bool | None = None
+) -> Tensor:
+    """Band softmax with flex_attention (compiled on CUDA, eager on CPU): [B, M, H, d].
+
+    On CUDA (or with pad_to_block) the sequence is zero-padded to a multiple of 128 first: flex's kernels ran ~1.5x slower on
+    a ragged length (32,760 vs 32,768 tokens, H100), and the padding is masked out by the band.
+    """
+    m = q.shape[1]
+    pad = (-m) % BLOCK if (q.is_cuda if pad_to_block is None else pad_to_block) else 0
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))  # [B, M + pad, H, d]
+    block_mask = band_block_mask(index, radius, pad_inputs=bool(pad))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
     if q.is_cuda:
         o = _compiled_flex_attention()(q, k, v, block_mask=block_mask)
@@ -158,7 +171,7 @@ def local_attention_flex(q: Tensor, k: Tensor, v: Tensor, index: Tensor, radius:
         with warnings.catch_warnings():  # eager flex on CPU is the test path; its unfused warning is moot
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             o = flex_attention(q, k, v, block_mask=block_mask)
-    return o.transpose(1, 2)
+    return o.transpose(1, 2)[:, :m]
 
 
 class GLGAttention(SelfAttention):
