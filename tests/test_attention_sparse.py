@@ -431,7 +431,7 @@ def test_sla_options():
 def test_vsa_options():
     entry = get_registry("attention").get("vsa")
     module = entry.create(DIM, HEADS)
-    assert (module.tile, module.sparsity) == ((4, 4, 4), 0.875)
+    assert (module.tile, module.sparsity) == ((4, 4, 8), 0.875)
     assert entry.create(DIM, HEADS, options={"tile": [2, 4, 4]}).tile == (2, 4, 4)
     for bad, field in [
         ({"sparsity": 0.995}, "sparsity"),

@@ -125,8 +125,10 @@ def windowed_attention():
 
 def test_window_frames_defaults_to_the_spec_and_user_option_wins(windowed_attention):
     model = build_model("tiny", attention=windowed_attention)
-    efficient = [b.attn for b in model.blocks() if isinstance(b.attn, _WindowedAttention)]
-    assert len(efficient) == 4 and {a.window_frames for a in efficient} == {PRESETS["tiny"].window_frames}
+    efficient = [
+        b.attn for b in model.blocks() if isinstance(b.attn, _WindowedAttention)
+    ]  # not hybrid: every block
+    assert len(efficient) == 6 and {a.window_frames for a in efficient} == {PRESETS["tiny"].window_frames}
     model = build_model("tiny", attention=windowed_attention, attention_options={"window_frames": 3})
     assert {b.attn.window_frames for b in model.blocks() if isinstance(b.attn, _WindowedAttention)} == {3}
     with torch.device("meta"):

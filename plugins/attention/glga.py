@@ -156,8 +156,8 @@ def local_attention_flex(
 ) -> Tensor:
     """Band softmax with flex_attention (compiled on CUDA, eager on CPU): [B, M, H, d].
 
-    On CUDA (or with pad_to_block) the sequence is zero-padded to a multiple of 128 first: flex's kernels ran ~1.5x slower on
-    a ragged length (32,760 vs 32,768 tokens, H100), and the padding is masked out by the band.
+    On CUDA (or with pad_to_block) the sequence is zero-padded to a multiple of 128 first (flex ran SLA's
+    blocks ~1.5x slower on a ragged length, 32,760 vs 32,768 tokens on an H100); the band masks the padding.
     """
     m = q.shape[1]
     pad = (-m) % BLOCK if (q.is_cuda if pad_to_block is None else pad_to_block) else 0

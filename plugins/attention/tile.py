@@ -20,6 +20,7 @@ compiled on CUDA, eager on CPU (forward only).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from typing import Literal
@@ -33,7 +34,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from eflow.model.attention_reference import dense_attention
 from eflow.model.self_attention import SelfAttention
 from eflow.model.tokens import TokenContext
-from eflow.plugins.attention.glga import BLOCK, _block_table, _compiled_flex_attention
+from eflow.plugins.attention.glga import BLOCK, _block_table
 from eflow.registry import hookimpl
 
 _HAS_SEQ_LENGTHS = "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters  # newer torch
@@ -142,6 +143,19 @@ def tile_block_mask(
     return block_mask
 
 
+def _tile_flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+@functools.cache
+def _compiled_tile_flex():
+    """The tile flex call compiled once per process, under its own code object: sharing glga's compiled
+    flex_attention made the two backends' mask functions count against one Dynamo recompile limit, and
+    past it flex falls back to the unfused path that materializes M x M scores (seen on an H100).
+    """
+    return torch.compile(_tile_flex, dynamic=None)
+
+
 def tile_attention_flex(
     q: Tensor,
     k: Tensor,
@@ -155,7 +169,7 @@ def tile_attention_flex(
     block_mask = tile_block_mask(index, tokens_per_frame, reference_frames, frame_window)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
     if q.is_cuda:
-        o = _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+        o = _compiled_tile_flex()(q, k, v, block_mask)
     else:
         with warnings.catch_warnings():  # eager flex on CPU is the test path; its unfused warning is moot
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
