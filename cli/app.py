@@ -1,4 +1,4 @@
-"""The `eflow` command: train, sample, plugins, model info, data, bench, plus plugin commands."""
+"""The `eflow` command: train, sample, plugins, model info, data, bench, eval, plus plugin commands."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from eflow.cli import bench_cmd, data_cmd, model_cmd, plugins_cmd, sample, train
+from eflow.cli import bench_cmd, data_cmd, eval_cmd, model_cmd, plugins_cmd, sample, train
 
 app = typer.Typer(
     name="eflow",
@@ -16,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (train, sample, plugins_cmd, model_cmd, data_cmd, bench_cmd):
+for module in (train, sample, plugins_cmd, model_cmd, data_cmd, bench_cmd, eval_cmd):
     module.register(app)
 
 

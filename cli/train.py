@@ -25,6 +25,13 @@ def flags_layer(**flags: Any) -> dict[str, Any]:
         "objective": "objective.name",
         "token_drop": "token_drop.name",
         "data": "data.name",
+        "data_root": "data.options.root",
+        "reader": "data.options.reader",
+        "image_ratio": "data.image_ratio",
+        "autoencoder": "data.autoencoder",
+        "vae_path": "data.autoencoder_options.path",
+        "text_encoder": "data.text_encoder",
+        "workers": "train.workers",
         "frames": "data.frames",
         "condition": "data.condition",
         "batch_size": "train.batch_size",
@@ -132,6 +139,46 @@ def register(app: typer.Typer) -> None:
         data: Annotated[
             str | None, typer.Option(help=f"dataset: {choices('dataset')}", rich_help_panel=DATA)
         ] = None,
+        data_root: Annotated[
+            str | None,
+            typer.Option(
+                help="the dataset's folder or manifest (video-folder, captions, latents)",
+                rich_help_panel=DATA,
+            ),
+        ] = None,
+        reader: Annotated[
+            str | None,
+            typer.Option(
+                help="video decoder: auto (decord if installed), pyav, decord", rich_help_panel=DATA
+            ),
+        ] = None,
+        image_ratio: Annotated[
+            float | None,
+            typer.Option(
+                help="share of steps trained on the dataset's images (T2V: 0.1)", rich_help_panel=DATA
+            ),
+        ] = None,
+        workers: Annotated[
+            int | None,
+            typer.Option(help="DataLoader worker processes (default: auto)", rich_help_panel=DATA),
+        ] = None,
+        autoencoder: Annotated[
+            str | None,
+            typer.Option(help=f"autoencoder: {choices('autoencoder')}", rich_help_panel=DATA),
+        ] = None,
+        vae_path: Annotated[
+            str | None,
+            typer.Option(
+                help="local folder of the autoencoder's weights (wan: a Wan 2.1 repo or its vae/)",
+                rich_help_panel=DATA,
+            ),
+        ] = None,
+        text_encoder: Annotated[
+            str | None,
+            typer.Option(
+                help=f"text encoder for --condition text: {choices('text_encoder')}", rich_help_panel=DATA
+            ),
+        ] = None,
         frames: Annotated[int | None, typer.Option(help="frames per clip", rich_help_panel=DATA)] = None,
         size: Annotated[
             str | None, typer.Option(help="clip size in pixels: N or HxW", rich_help_panel=DATA)
@@ -188,6 +235,13 @@ def register(app: typer.Typer) -> None:
                 mva=mva,
                 token_drop=token_drop,
                 data=data,
+                data_root=data_root,
+                reader=reader,
+                image_ratio=image_ratio,
+                autoencoder=autoencoder,
+                vae_path=vae_path,
+                text_encoder=text_encoder,
+                workers=workers,
                 frames=frames,
                 size=size,
                 condition=condition,

@@ -10,6 +10,7 @@ from torch import nn
 
 from eflow.config import RunConfig
 from eflow.data.batches import Conditioner
+from eflow.data.curriculum import check_stage_grids
 from eflow.errors import EflowError
 from eflow.registry import get_registry
 
@@ -45,10 +46,12 @@ class Parts:
                 part.to(device)
 
 
-def build_dataset(cfg: RunConfig):
+def build_dataset(cfg: RunConfig, shape: tuple[int, int, int] | None = None):
+    """The run's dataset at clips of `shape` = (frames, height, width) (default: the data section's)."""
     d = cfg.data
+    frames, height, width = shape or (d.frames, d.height, d.width)
     return get_registry("dataset").create(
-        d.name, d.frames, d.height, d.width, seed=cfg.train.seed, options=d.options
+        d.name, frames, height, width, seed=cfg.train.seed, options=d.options
     )
 
 
@@ -78,6 +81,14 @@ def build_parts(cfg: RunConfig, *, with_dataset: bool = True) -> Parts:
                 "the run's config.json has no data.num_classes; was it written by `eflow train`?"
             )
     latent_shape = tuple(autoencoder.latent_shape((3, d.frames, d.height, d.width)))
+    check_run = getattr(dataset, "check_run", None)  # pre-encoded data must match the run's encoders
+    if callable(check_run):
+        check_run(
+            d.autoencoder,
+            latent_shape,
+            d.text_encoder if d.condition == "text" else None,
+            text_encoder.dim if text_encoder is not None else None,
+        )
     model = build_model(
         cfg.model.preset,
         overrides=cfg.model.overrides,
@@ -89,6 +100,7 @@ def build_parts(cfg: RunConfig, *, with_dataset: bool = True) -> Parts:
         guidance_embed=cfg.model.guidance_embed,
     )
     model.token_grid((1, *latent_shape))  # fails early, naming the dimension, if the patch does not divide
+    check_stage_grids(model, autoencoder, d)  # the same for every curriculum stage and image clips
     return Parts(
         dataset, autoencoder, Conditioner(d.condition, text_encoder), model, num_classes, latent_shape
     )

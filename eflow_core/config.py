@@ -71,6 +71,23 @@ class Stage(Section):
         return self
 
 
+def check_contiguous(stages: list) -> None:
+    """Stages (with .start/.end) must tile [0, 1]: start at 0, each where the last ended, end at 1."""
+    if stages[0].start != 0.0:
+        raise ValueError(f"stages[0].start must be 0 (got {stages[0].start})")
+    for i in range(1, len(stages)):
+        prev, cur = stages[i - 1], stages[i]
+        if cur.start < prev.end:
+            raise ValueError(
+                f"stages[{i}] (start={cur.start}) overlaps stages[{i - 1}] (end={prev.end}); "
+                "each stage must start where the previous one ends"
+            )
+        if cur.start > prev.end:
+            raise ValueError(f"gap between stages[{i - 1}].end={prev.end} and stages[{i}].start={cur.start}")
+    if stages[-1].end != 1.0:
+        raise ValueError(f"stages[-1].end must be 1 (got {stages[-1].end})")
+
+
 def eflow_stages() -> list[Stage]:
     """EFlow's Kinetics recipe (C.1): 75% drop, no MVA for 80% of steps; then dense with MVA."""
     return [
@@ -88,24 +105,9 @@ class TokenDropSection(Section):
 
     @model_validator(mode="after")
     def _contiguous(self) -> TokenDropSection:
-        stages = self.stages
-        if not stages:
+        if not self.stages:
             raise ValueError("stages: give at least one stage")
-        if stages[0].start != 0.0:
-            raise ValueError(f"stages[0].start must be 0 (got {stages[0].start})")
-        for i in range(1, len(stages)):
-            prev, cur = stages[i - 1], stages[i]
-            if cur.start < prev.end:
-                raise ValueError(
-                    f"stages[{i}] (start={cur.start}) overlaps stages[{i - 1}] (end={prev.end}); "
-                    "each stage must start where the previous one ends"
-                )
-            if cur.start > prev.end:
-                raise ValueError(
-                    f"gap between stages[{i - 1}].end={prev.end} and stages[{i}].start={cur.start}"
-                )
-        if stages[-1].end != 1.0:
-            raise ValueError(f"stages[-1].end must be 1 (got {stages[-1].end})")
+        check_contiguous(self.stages)
         return self
 
     def stage_at(self, step: int, total_steps: int) -> tuple[int, Stage]:
@@ -124,6 +126,22 @@ class TokenDropSection(Section):
         return stage.drop_ratio
 
 
+class DataStage(Section):
+    """A stretch of training [start, end) (fractions of the run) with its own clip size (a curriculum)."""
+
+    start: float = Field(ge=0.0, le=1.0, description="where the stage starts, as a fraction of steps")
+    end: float = Field(ge=0.0, le=1.0, description="where the stage ends, as a fraction of steps")
+    frames: int | None = Field(None, ge=1, description="frames per clip; unset = data.frames")
+    height: int | None = Field(None, ge=1, description="clip height in pixels; unset = data.height")
+    width: int | None = Field(None, ge=1, description="clip width in pixels; unset = data.width")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DataStage:
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
+        return self
+
+
 class DataSection(Section):
     """Where clips come from and how they become latents and conditions."""
 
@@ -138,10 +156,42 @@ class DataSection(Section):
     )
     condition: Literal["label", "text"] = Field("label", description="condition on class labels or captions")
     num_classes: int | None = Field(None, ge=1, description="classes of the dataset (resolved at train time)")
-    text_encoder: str = Field("hashed-words", description="text encoder when condition = text")
+    text_encoder: str = Field("hashed", description="text encoder when condition = text")
     text_encoder_options: dict[str, Any] = Field(
         default_factory=dict, description="options of the text encoder"
     )
+    image_ratio: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of steps trained on the dataset's images (one-frame clips)"
+    )
+    stages: list[DataStage] = Field(
+        default_factory=list, description="clip-size curriculum; empty = frames x height x width throughout"
+    )
+
+    @model_validator(mode="after")
+    def _contiguous(self) -> DataSection:
+        if self.stages:
+            check_contiguous(self.stages)
+        return self
+
+    def shape_at(self, step: int, total_steps: int) -> tuple[int, int, int]:
+        """(frames, height, width) of the clips of an optimizer step."""
+        return self.stage_shape(self.stage_at(step, total_steps))
+
+    def stage_at(self, step: int, total_steps: int) -> int:
+        """Index of the data stage of a step (0 without stages)."""
+        frac = step / max(total_steps, 1)
+        for i, stage in enumerate(self.stages):
+            if frac < stage.end:
+                return i
+        return max(len(self.stages) - 1, 0)
+
+    def stage_shape(self, index: int) -> tuple[int, int, int]:
+        """(frames, height, width) of data stage `index` (the section's own size without stages)."""
+        if not self.stages:
+            return self.frames, self.height, self.width
+        stage = self.stages[index]
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return pick(stage.frames, self.frames), pick(stage.height, self.height), pick(stage.width, self.width)
 
 
 class TrainSection(Section):
@@ -166,6 +216,9 @@ class TrainSection(Section):
         250, ge=0, description="write a sample preview PNG every n steps (0 = only at the end)"
     )
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
+    workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes; unset = auto (0 for procedural datasets)"
+    )
 
 
 class SampleSection(Section):

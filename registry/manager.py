@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("shapes", "eflow.plugins.datasets.shapes"),
     ("pixel", "eflow.plugins.autoencoders.pixel"),
     ("hashed-words", "eflow.plugins.text_encoders.hashed_words"),
+    ("hashed", "eflow.plugins.text_encoders.hashed"),
     ("sana", "eflow.plugins.attention.sana"),
     ("sla", "eflow.plugins.attention.sla"),
     ("vsa", "eflow.plugins.attention.vsa"),

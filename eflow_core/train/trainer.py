@@ -1,7 +1,14 @@
-"""The training loop: objective -> backward -> (all-reduce) -> clip -> AdamW -> EMA, with logging and checkpoints."""
+"""The training loop: objective -> backward -> (all-reduce) -> clip -> AdamW -> EMA, with logging and checkpoints.
+
+Data: a StepLoader (DataLoader workers building whole step batches, eflow_core/data/loader.py) yields the
+batch of every step from the start step on, so a resumed run continues the data exactly; batches carry
+"video" (encoded here by the autoencoder) or "latents" (used as they are). Files the dataset skips are
+counted per reason (metrics "skipped/<reason>", kept in the checkpoint, summarized at the end).
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -9,11 +16,18 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from eflow.assembly import Parts, build_parts, resolve_device
+from eflow.assembly import Parts, build_dataset, build_parts, resolve_device
+from eflow.atomic import atomic_write_text
+from eflow.condition import Condition
 from eflow.config import RunConfig
-from eflow.data.batches import StepBatches
+from eflow.data.batches import StepBatches, collate
+from eflow.data.curriculum import Curriculum
+from eflow.data.loader import StepLoader, auto_workers
+from eflow.data.resize_crop import to_signed
+from eflow.data.skips import SkipLog, take_skips
 from eflow.data.video_io import write_grid_png
 from eflow.errors import EflowError
 from eflow.network import DropPlan, Network
@@ -52,11 +66,15 @@ def check_writable(run_dir: Path) -> None:
         ) from None
 
 
+LABELS = "labels.json"  # the dataset's class names, index = label id
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
     step: int
     last_loss: float
+    skipped: dict[str, int] | None = None  # skipped files by reason
 
 
 class Trainer:
@@ -79,6 +97,8 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.show_progress = progress
         self.run_dir = Path(cfg.train.out)
+        self._batch_iter = None  # the loader's iterator, started at the first step run
+        self._data_wait = 0.0  # seconds the last step waited for its batch
 
     # ----- setup ---------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -124,34 +144,77 @@ class Trainer:
         self.token_drop = get_registry("token_drop").create(
             cfg.token_drop.name, options=cfg.token_drop.options
         )
-        self.batches = StepBatches(
-            self.parts.dataset, cfg.train.batch_size, cfg.train.seed, self.world.rank, self.world.size
+        self.curriculum = Curriculum(
+            cfg.data, cfg.train.steps, lambda *shape: build_dataset(cfg, shape), self.parts.dataset
         )
+        self.batches = StepBatches(
+            self.curriculum.datasets,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            self.world.rank,
+            self.world.size,
+            stage_of=self.curriculum.stage_at,
+            image_ratio=cfg.data.image_ratio,
+        )
+        datasets = self.curriculum.unique_datasets()
+        self.workers = cfg.train.workers if cfg.train.workers is not None else auto_workers(datasets)
+        self.skips = SkipLog(warn=self._warn if self.world.is_main else None)
         self.start_step = 0
         if self.resume:
             state = checkpoint.load_checkpoint(self.run_dir, model=self.model, ema=self.ema.model)
             self.optimizer.load_state_dict(state["optimizer"])
             self.ema.updates = int(state["ema_updates"])
             self.start_step = int(state["step"])
+            self.skips.load_state(state.get("skipped_files", {}))
             if self.start_step >= cfg.train.steps:
                 raise EflowError(
                     f"{self.run_dir} is already at step {self.start_step} of {cfg.train.steps}; "
                     "raise --steps to train further"
                 )
+        for dataset in datasets:  # files the start-up scan left out
+            self.skips.add(take_skips(dataset))
+
+    def _warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     # ----- one step ------------------------------------------------------------------------------
     def _lr(self, step: int) -> float:
         warm = self.cfg.train.warmup_steps
         return self.cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
+    def _next_batch(self, step: int) -> dict:
+        """The batch of `step` from the loader (started at the run's first step), skips recorded."""
+        if self._batch_iter is None:
+            loader = StepLoader(
+                self.batches,
+                step,
+                self.cfg.train.steps,
+                workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            self._batch_iter = iter(loader)
+        t0 = time.perf_counter()
+        batch = next(self._batch_iter)
+        self._data_wait = time.perf_counter() - t0
+        if batch["step"] != step:
+            raise RuntimeError(f"the loader delivered step {batch['step']} for step {step}")
+        self.skips.add(batch.pop("skipped"))
+        return batch
+
+    def _x0(self, raw: dict) -> torch.Tensor:
+        """Clean latents [B, c, t, h, w]: pre-encoded "latents" as they are, else the encoded "video"."""
+        if "latents" in raw:
+            return raw["latents"].to(self.device, non_blocking=True).float()
+        video = to_signed(raw["video"].to(self.device, non_blocking=True))  # uint8 pixels -> [-1, 1]
+        with torch.no_grad():
+            return self.parts.autoencoder.encode(video).float()
+
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         seed = step_seed(cfg.train.seed, self.world.rank, step)
         torch.manual_seed(seed)
-        raw = self.batches.get(step)
-        video = raw["video"].to(self.device)
-        with torch.no_grad():
-            x0 = self.parts.autoencoder.encode(video).float()
+        raw = self._next_batch(step)
+        x0 = self._x0(raw)
         cond = self.parts.conditioner(raw, self.device)
         stage_index, stage = cfg.token_drop.stage_at(step, cfg.train.steps)
         ratio = cfg.token_drop.drop_ratio_at(step, cfg.train.steps)
@@ -194,13 +257,20 @@ class Trainer:
         record.update({f"passes/{k}": v / batch for k, v in net.counts.items()})
         if self.device.type == "cuda":
             record["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        record["data_wait_s"] = self._data_wait
+        record.update({f"skipped/{reason}": n for reason, n in self.skips.counts().items()})
         return record
 
     # ----- outputs -------------------------------------------------------------------------------
     def save(self, step: int) -> None:
         if not self.world.is_main:
             return
-        state = {"step": step, "optimizer": self.optimizer.state_dict(), "ema_updates": self.ema.updates}
+        state = {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "ema_updates": self.ema.updates,
+            "skipped_files": self.skips.state(),
+        }
         checkpoint.save_checkpoint(
             self.run_dir, config_json=self.cfg.to_json(), model=self.model, ema=self.ema.model, state=state
         )
@@ -212,12 +282,9 @@ class Trainer:
         cfg = self.cfg
         num = min(cfg.sample.num, 8)
         if self.parts.num_classes is not None:
-            from eflow.condition import Condition
-
             cond = Condition(labels=sample_labels(num, self.parts.num_classes, None))
         else:
-            captions = [self.parts.dataset[i]["caption"] for i in range(num)]
-            cond = self.parts.conditioner.captions(captions, self.device)
+            cond = self._preview_text(num)
         videos = generate(
             self.ema.model,
             self.parts.autoencoder,
@@ -236,6 +303,27 @@ class Trainer:
         write_grid_png(path, videos)
         return path
 
+    def _preview_text(self, num: int) -> Condition:
+        """Text conditions of the dataset's first `num` items: captions (read without decoding when
+        the dataset has a `caption(i)` method) or pre-computed embeddings."""
+        dataset = self.parts.dataset
+        num = min(num, len(dataset))
+        caption = getattr(dataset, "caption", None)
+        if callable(caption):
+            return self.parts.conditioner.captions([caption(i) for i in range(num)], self.device)
+        items = [dataset[i] for i in range(num)]
+        if "caption" in items[0]:
+            return self.parts.conditioner.captions([it["caption"] for it in items], self.device)
+        batch = collate(items)
+        return self.parts.conditioner.embeddings(batch["text"], batch["text_mask"], self.device)
+
+    def _write_labels(self) -> None:
+        """labels.json: the dataset's class names (index = label id), when it has them."""
+        classes = getattr(self.parts.dataset, "classes", None)
+        if classes is not None:
+            text = json.dumps({"classes": [str(c) for c in classes]}, indent=1) + "\n"
+            atomic_write_text(self.run_dir / LABELS, text)
+
     # ----- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         self._check_run_dir()
@@ -243,6 +331,7 @@ class Trainer:
         cfg, main = self.cfg, self.world.is_main
         if main:
             (self.run_dir / checkpoint.CONFIG).write_text(cfg.to_json())
+            self._write_labels()
         log = (
             MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if self.resume else None)
             if main
@@ -295,9 +384,12 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+            self._batch_iter = None  # stops the loader's workers
         self.save(total)
         if main:
             self.preview(total)
+            if self.skips.summary():
+                self.console.print(f"[yellow]data:[/] {self.skips.summary()} (see the warnings above)")
         barrier(self.world)
         shutdown(self.world)
-        return TrainResult(self.run_dir, total, last_loss)
+        return TrainResult(self.run_dir, total, last_loss, self.skips.counts())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run on the lent GPU machine (device tool): every attention backend's GPU tests (fast path vs its CPU
+# reference, bf16/fp32, forward and gradients, with and without dropped tokens), then the side-by-side
+# benchmark of docs/benchmarks.md. Needs the wheels the GPU image lacks in .whl/; writes logs and results
+# to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EFLOW_PLUGINS=
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
+if [ -z "${SKIP_BENCH:-}" ]; then
+  python3 -m eflow.cli.app bench attention --attn ${ATTN:-softmax,glga,sana,sla,vsa,tile} \
+    --tokens ${TOKENS:-8k,32760,125000} --drop ${DROP:-0,0.75} --mode fwd,fwd+bwd \
+    --heads 12 --head-dim 128 --batch 1 --dtype bf16 --warmup ${WARMUP:-3} --repeats ${REPEATS:-10} \
+    --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -60
+fi
