@@ -9,6 +9,8 @@ builds q, k, v with the module's own `project` and applies its `proj`, so backen
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -205,6 +207,31 @@ def test_flex_band_on_inputs_padded_to_the_block_equals_the_reference(keep):
     expected = local_attention_reference(q, k, v, ctx.index, 30)
     padded = local_attention_flex(q, k, v, ctx.index, 30, pad_to_block=True)
     torch.testing.assert_close(padded, expected)
+
+
+@pytest.mark.parametrize("keep", [None, 40])
+def test_fused_gated_glga_of_the_cuda_path_equals_the_reference(keep):
+    """gated_glga (compiled as a whole on CUDA) run eagerly here, on inputs padded as attend_fused pads them."""
+    from torch.nn.functional import pad
+
+    from eflow.plugins.attention.glga import band_block_mask, gated_glga, window_radius
+
+    module = perturbed(GLGAttention(DIM, HEADS, window_frames=2)).double()
+    ctx = make_ctx(keep=keep)
+    m = ctx.index.shape[1]
+    x = torch.randn(BATCH, m, DIM, dtype=torch.float64)
+    q, k, v = module.project(x, ctx)
+    expected = module.reference(q, k, v, ctx, x)
+    rows = (-m) % 128
+    q, k, v = (pad(t.detach(), (0, 0, 0, 0, 0, rows)) for t in (q, k, v))  # flex: no CPU backward
+    block_mask = band_block_mask(ctx.index, window_radius(ctx.grid, 2), pad_inputs=True)
+    with warnings.catch_warnings(), torch.no_grad():  # the GPU tests cover gradients
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = gated_glga(
+            q, k, v, pad(x, (0, 0, 0, rows)), block_mask, module.norm_global.weight,
+            module.norm_local.weight, module.gate.weight, module.gate.bias,
+        )  # fmt: skip
+    torch.testing.assert_close(out[:, :m], expected, atol=1e-5, rtol=1e-5)  # the linear branch runs in fp32
 
 
 def test_band_block_mask_is_reused_for_the_same_index():
