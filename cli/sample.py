@@ -32,28 +32,20 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(help="output directory (default: RUN_DIR/samples)")] = None,
     ) -> None:
         """Sample videos from a trained run."""
-        from eflow.assembly import build_parts, resolve_device
+        from eflow.assembly import resolve_device
         from eflow.condition import Condition
-        from eflow.config import load_run_config
         from eflow.errors import ConfigError, EflowError
+        from eflow.loaded_run import load_run
         from eflow.sampling import generate, sample_labels, sampler_name, write_samples
-        from eflow.train.checkpoint import load_weights
 
         with user_errors():
-            if not run_dir.is_dir():
-                raise EflowError(f"run directory not found: {run_dir}")
-            if weights not in ("ema", "model"):
-                raise ConfigError(f"--weights {weights!r}: choose ema or model")
-            cfg = load_run_config(run_dir)
+            run = load_run(run_dir, resolve_device(device), weights)
+            cfg, parts, dev, step = run.cfg, run.parts, run.device, run.step
             if sampler is not None:
                 cfg.sample.sampler = sampler
             steps_ = cfg.sample.steps if steps is None else steps
             w = cfg.sample.guidance if guidance is None else guidance
-            dev = resolve_device(device)
-            parts = build_parts(cfg, with_dataset=False)
             model = parts.model
-            step = load_weights(model, run_dir, weights)
-            model.to(dev)
             n = num if num is not None else (len(caption) if caption else cfg.sample.num)
             if n < 1 or steps_ < 1:
                 raise ConfigError("--num and --steps must be at least 1")
@@ -68,9 +60,6 @@ def register(app: typer.Typer) -> None:
                     )
                 cond = Condition(labels=sample_labels(n, parts.num_classes, label))
             name = sampler_name(cfg)
-            precision = cfg.train.precision
-            if precision == "auto":
-                precision = "bf16" if dev.type == "cuda" else "fp32"
             videos = generate(
                 model,
                 parts.autoencoder,
@@ -82,7 +71,7 @@ def register(app: typer.Typer) -> None:
                 guidance=w,
                 seed=cfg.sample.seed if seed is None else seed,
                 device=dev,
-                precision=precision,
+                precision=run.precision,
             )
             out_dir = out or run_dir / "samples"
             try:

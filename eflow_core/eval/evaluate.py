@@ -31,7 +31,7 @@ from eflow.eval.clips import subset_indices
 from eflow.eval.extractor import create_extractor, describe, extract, metric_label, to_uint8
 from eflow.eval.frechet import COVARIANCE_CHOICES, COVARIANCE_LABELS, FeatureStats, frechet_between
 from eflow.eval.real_stats import real_statistics, stats_record
-from eflow.eval.run import LoadedRun, load_run
+from eflow.loaded_run import LoadedRun, load_run
 from eflow.registry import get_registry
 
 METRICS = ("fvd", "accuracy")

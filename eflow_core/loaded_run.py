@@ -1,8 +1,8 @@
-"""Loading a trained run for evaluation: its resolved config, its parts and its weights.
+"""A trained run ready to sample from, as `eflow sample` and `eflow eval` load it.
 
-Mirrors what `eflow sample` does (cli/sample.py): config.json -> build_parts (no dataset) -> EMA or
-online weights -> device; plus the precision the run samples at (bf16 autocast on CUDA, fp32 on
-CPU, unless the run fixed one).
+config.json -> build_parts (no dataset) -> EMA or online weights -> the model, autoencoder and text
+encoder on the device; plus the precision the run samples at (bf16 autocast on CUDA, fp32 on CPU,
+unless the run fixed one).
 """
 
 from __future__ import annotations
