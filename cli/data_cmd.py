@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from eflow.cli.errors import err_console, user_errors
-from eflow.cli.options import apply_overrides, choices, parse_size
+from eflow.cli.options import apply_overrides, choices, config_layer, parse_size
 
 data_app = typer.Typer(help="Look at datasets and encode them to latents.", no_args_is_help=True)
 SOURCE, ENCODERS, OUTPUT = "Source", "Encoders", "Output"
@@ -54,26 +54,18 @@ def preview(
 
 def encode_layer(**flags) -> dict:
     """The RunConfig layer given by the explicit flags of `eflow data encode` (None = not given)."""
-    from eflow.config import set_dotted
-
-    layer: dict = {}
-    paths = {
-        "data": "data.name",
-        "data_root": "data.options.root",
-        "frames": "data.frames",
-        "autoencoder": "data.autoencoder",
-        "vae_path": "data.autoencoder_options.path",
-        "text_encoder": "data.text_encoder",
-        "seed": "train.seed",
-    }
-    for flag, dotted in paths.items():
-        if flags.get(flag) is not None:
-            set_dotted(layer, dotted, flags[flag])
-    if flags.get("size") is not None:
-        h, w = parse_size(flags["size"])
-        set_dotted(layer, "data.height", h)
-        set_dotted(layer, "data.width", w)
-    return layer
+    return config_layer(
+        flags,
+        {
+            "data": "data.name",
+            "data_root": "data.options.root",
+            "frames": "data.frames",
+            "autoencoder": "data.autoencoder",
+            "vae_path": "data.autoencoder_options.path",
+            "text_encoder": "data.text_encoder",
+            "seed": "train.seed",
+        },
+    )
 
 
 def resolved_options(kind: str, name: str, options: dict) -> dict:

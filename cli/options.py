@@ -31,6 +31,20 @@ def parse_size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def config_layer(flags: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
+    """The RunConfig layer of explicitly given flags (None = not given): flag -> dotted field by `paths`,
+    and `size` ("N" or "HxW") -> data.height, data.width."""
+    layer: dict[str, Any] = {}
+    for flag, dotted in paths.items():
+        if flags.get(flag) is not None:
+            set_dotted(layer, dotted, flags[flag])
+    if flags.get("size") is not None:
+        h, w = parse_size(flags["size"])
+        set_dotted(layer, "data.height", h)
+        set_dotted(layer, "data.width", w)
+    return layer
+
+
 def apply_overrides(tree: dict[str, Any], pairs: list[str]) -> None:
     """Apply --set section.field=value pairs (any RunConfig field) to a config dict."""
     for pair in pairs:

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from eflow.cli.errors import err_console, user_errors
-from eflow.cli.options import apply_overrides, choices, parse_size
-from eflow.config import RunConfig, build_config, load_run_config, load_toml, set_dotted
+from eflow.cli.options import apply_overrides, choices, config_layer
+from eflow.config import RunConfig, build_config, load_run_config, load_toml
 from eflow.errors import ConfigError
 
 MODEL, DATA, OPT, SCHED, RUN = "Model", "Data", "Objective & optimization", "Token drop schedule", "Run"
@@ -18,7 +18,6 @@ MODEL, DATA, OPT, SCHED, RUN = "Model", "Data", "Objective & optimization", "Tok
 
 def flags_layer(**flags: Any) -> dict[str, Any]:
     """The config layer given by explicit flags (None = not given)."""
-    layer: dict[str, Any] = {}
     paths = {
         "preset": "model.preset",
         "attn": "model.attention",
@@ -44,17 +43,9 @@ def flags_layer(**flags: Any) -> dict[str, Any]:
         "preview_every": "train.preview_every",
         "threads": "train.threads",
         "precision": "train.precision",
+        "mva": "objective.options.mva",
     }
-    for flag, dotted in paths.items():
-        if flags.get(flag) is not None:
-            set_dotted(layer, dotted, flags[flag])
-    if flags.get("size") is not None:
-        h, w = parse_size(flags["size"])
-        set_dotted(layer, "data.height", h)
-        set_dotted(layer, "data.width", w)
-    if flags.get("mva") is not None:
-        set_dotted(layer, "objective.options.mva", flags["mva"])
-    return layer
+    return config_layer(flags, paths)
 
 
 def schedule_layer(

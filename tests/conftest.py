@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("EFLOW_PLUGINS", "")  # never load whatever third-party plugins happen to be installed
 
@@ -15,6 +16,20 @@ def fresh_host(monkeypatch):
     reset_host()
     yield monkeypatch
     reset_host()
+
+
+@pytest.fixture
+def restore_threads():
+    """Tests that train set torch's thread count (a loaded 2-core machine stalls on more); restored after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Scan caches go to a per-test folder, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 # ----- media fixtures for the video data tests (tiny files written with PyAV, once per session) -------

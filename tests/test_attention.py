@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import warnings
 
+import attention_inputs
 import pytest
 import torch
+from attention_inputs import (
+    listed_blocks,
+    outputs_and_input_grads,
+    perturbed,
+    real_block_pairs,
+    rel_err,
+)
 
 from eflow.model.attention_reference import dense_attention, linear_attention_reference, window_mask
-from eflow.model.rope import rope_table
-from eflow.model.tokens import TokenContext
 from eflow.plugins.attention.glga import (
     GLGAOptions,
     GLGAttention,
@@ -31,15 +37,13 @@ GRID = (6, 3, 4)  # N = 72; glga's default 4-frame window: radius 24, so the ban
 DIM, HEADS, BATCH = 32, 2, 2
 
 
+def make_ctx(grid=GRID, batch=BATCH, keep=None, head_dim=DIM // HEADS, seed=0, device="cpu"):
+    return attention_inputs.make_ctx(grid, batch, keep, head_dim, seed, device)
+
+
 def rms(x, weight, eps=1e-6):
     """RMSNorm over the last dim, written out."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def rel_err(a, b):
-    """Relative Frobenius error ||a - b|| / ||b||, in fp64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def softmax_reference(module, q, k, v, ctx, x):
@@ -76,28 +80,6 @@ def test_module_reference_methods_agree_with_the_test_references(name):
     x = torch.randn(BATCH, ctx.index.shape[1], DIM, dtype=torch.float64)
     q, k, v = module.project(x, ctx)
     torch.testing.assert_close(module.reference(q, k, v, ctx, x), REFERENCES[name](module, q, k, v, ctx, x))
-
-
-def make_ctx(grid=GRID, batch=BATCH, keep=None, head_dim=DIM // HEADS, seed=0, device="cpu"):
-    """Dense context, or one keeping `keep` random tokens per sample (sorted raster indices)."""
-    table = rope_table(grid, head_dim, device=device)
-    dense = TokenContext.dense(grid, batch, table)
-    if keep is None:
-        return dense
-    g = torch.Generator().manual_seed(seed)
-    n = dense.num_tokens
-    index = torch.stack([torch.randperm(n, generator=g)[:keep].sort().values for _ in range(batch)])
-    return dense.select(index.to(device), table)
-
-
-def perturbed(module, seed=0):
-    """Random weights everywhere (norm weights too), so a misplaced norm or gate shows; fp64."""
-    torch.manual_seed(seed)
-    module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return module
 
 
 def check_against_reference(module, ctx, reference, seed=1, atol=1e-9):
@@ -293,14 +275,7 @@ def test_glga_compiled_flex_matches_reference_on_cuda(dtype):
     flex.load_state_dict(reference.state_dict())
     x = torch.randn(2, 512, dim, device="cuda")
     tol = 1e-3 if dtype == torch.float32 else 2e-2
-    outputs, grads = [], []
-    for module in (flex, reference):  # forward and backward through the compiled kernels
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            y = module(xi, ctx)
-        y.float().square().sum().backward()
-        outputs.append(y)
-        grads.append(xi.grad)
+    outputs, grads = outputs_and_input_grads((flex, reference), x, ctx, dtype)  # through the compiled kernels
     assert rel_err(outputs[0], outputs[1]) < tol
     assert rel_err(grads[0], grads[1]) < tol
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -376,19 +351,9 @@ def test_band_block_table_covers_the_band_exactly(m, radius, block):
     padded[:, :m, :m] = band
     per_block = padded.view(2, nb, block, nb, block)
     any_in = per_block.any(dim=(2, 4))  # [B, QB, KB]
-    real = torch.zeros(nb * block, dtype=torch.bool)
-    real[:m] = True
-    real_pairs = (real[:, None] & real[None, :]).view(nb, block, nb, block).all(dim=(1, 3))
+    real_pairs = real_block_pairs(m, nb, block)
     all_in = per_block.all(dim=(2, 4)) & real_pairs
-    listed = torch.zeros(2, nb, nb, dtype=torch.int64)
-    full = torch.zeros(2, nb, nb, dtype=torch.bool)
-    for b in range(2):
-        for qb in range(nb):
-            for kb in bm.kv_indices[b, 0, qb, : bm.kv_num_blocks[b, 0, qb]].tolist():
-                listed[b, qb, kb] += 1
-            for kb in bm.full_kv_indices[b, 0, qb, : bm.full_kv_num_blocks[b, 0, qb]].tolist():
-                listed[b, qb, kb] += 1
-                full[b, qb, kb] = True
+    listed, full = listed_blocks(bm, 2, nb)
     assert listed.max() <= 1
     assert torch.equal(listed.bool(), any_in)  # covers the band, lists nothing outside it
     assert not (full & ~all_in).any()  # a full block skips the mask_mod, so it must be entirely in band

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 
+import attention_inputs
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_inputs import listed_blocks, perturbed, real_block_pairs, rel_err
 
 from eflow.condition import Condition
 from eflow.errors import ConfigError
@@ -20,7 +22,6 @@ from eflow.model.attention_reference import dense_attention
 from eflow.model.blocks import DiTBlock
 from eflow.model.dit import build_model
 from eflow.model.mix_ffn import MixFFN
-from eflow.model.rope import rope_table
 from eflow.model.tokens import TokenContext
 from eflow.plugins.attention.sana import SanaAttention, SanaOptions, relu_linear_attention
 from eflow.plugins.attention.tile import TileAttention, TileOptions, tile_block_mask, tile_mask
@@ -30,32 +31,8 @@ GRID = (6, 3, 4)  # N = 72, 12 tokens per frame
 DIM, HEADS, BATCH = 32, 2, 2
 
 
-def rel_err(a, b):
-    """Relative Frobenius error ||a - b|| / ||b||, in fp64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def make_ctx(grid=GRID, batch=BATCH, keep=None, head_dim=DIM // HEADS, seed=0, device="cpu"):
-    """Dense context, or one keeping `keep` random tokens per sample (sorted raster indices)."""
-    table = rope_table(grid, head_dim, device=device)
-    dense = TokenContext.dense(grid, batch, table)
-    if keep is None:
-        return dense
-    g = torch.Generator().manual_seed(seed)
-    n = dense.num_tokens
-    index = torch.stack([torch.randperm(n, generator=g)[:keep].sort().values for _ in range(batch)])
-    return dense.select(index.to(device), table)
-
-
-def perturbed(module, seed=0):
-    """Random weights everywhere (norms and the zero-init temporal conv too), in fp64."""
-    torch.manual_seed(seed)
-    module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return module
+    return attention_inputs.make_ctx(grid, batch, keep, head_dim, seed, device)
 
 
 def qkv(ctx, seed=1, dim=DIM, heads=HEADS, dtype=torch.float64):
@@ -345,18 +322,8 @@ def test_tile_block_table_covers_the_mask(m, reference_frames, frame_window, blo
     allowed = torch.zeros(2, nb * block, nb * block, dtype=torch.bool)
     allowed[:, :m, :m] = tile_mask(index, per_frame, reference_frames, frame_window)
     per_block = allowed.view(2, nb, block, nb, block)
-    real = torch.zeros(nb * block, dtype=torch.bool)
-    real[:m] = True
-    real_pairs = (real[:, None] & real[None, :]).view(nb, block, nb, block).all(dim=(1, 3))
-    listed = torch.zeros(2, nb, nb, dtype=torch.int64)
-    full = torch.zeros(2, nb, nb, dtype=torch.bool)
-    for b in range(2):
-        for qb in range(nb):
-            for kb in bm.kv_indices[b, 0, qb, : bm.kv_num_blocks[b, 0, qb]].tolist():
-                listed[b, qb, kb] += 1
-            for kb in bm.full_kv_indices[b, 0, qb, : bm.full_kv_num_blocks[b, 0, qb]].tolist():
-                listed[b, qb, kb] += 1
-                full[b, qb, kb] = True
+    real_pairs = real_block_pairs(m, nb, block)
+    listed, full = listed_blocks(bm, 2, nb)
     assert listed.max() <= 1
     assert not (per_block.any(dim=(2, 4)) & ~listed.bool()).any()  # every allowed pair is covered
     assert not (full & ~(per_block.all(dim=(2, 4)) & real_pairs)).any()  # full blocks skip the mask_mod

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 
+import attention_inputs
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_inputs import outputs_and_input_grads, perturbed, rel_err
 
 from eflow.condition import Condition
 from eflow.model.attention_reference import dense_attention
 from eflow.model.dit import build_model
-from eflow.model.rope import rope_table
 from eflow.model.tokens import TokenContext
 from eflow.plugins.attention.sla import (
     LINEAR_EPS,
@@ -44,31 +45,7 @@ DIM, HEADS, BATCH = 32, 2, 2
 
 
 def make_ctx(grid=GRID, batch=BATCH, keep=None, head_dim=DIM // HEADS, seed=0, device="cpu"):
-    """Dense context, or one keeping `keep` random tokens per sample (sorted raster indices)."""
-    table = rope_table(grid, head_dim, device=device)
-    dense = TokenContext.dense(grid, batch, table)
-    if keep is None:
-        return dense
-    g = torch.Generator().manual_seed(seed)
-    index = torch.stack(
-        [torch.randperm(dense.num_tokens, generator=g)[:keep].sort().values for _ in range(batch)]
-    )
-    return dense.select(index.to(device), table)
-
-
-def perturbed(module, seed=0, scale=0.2):
-    """Random weights everywhere (proj_l moves off zero too); fp64."""
-    torch.manual_seed(seed)
-    module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+    return attention_inputs.make_ctx(grid, batch, keep, head_dim, seed, device)
 
 
 def qkv_and_x(module, ctx, seed=1, dtype=torch.float64):
@@ -517,14 +494,7 @@ def test_compiled_flex_matches_reference_on_cuda(name, dtype, dropped):
     flex.load_state_dict(reference.state_dict())
     x = torch.randn(batch, m, dim, device="cuda")
     tol = 1e-3 if dtype == torch.float32 else 2e-2
-    outputs, grads = [], []
-    for module in (flex, reference):  # forward and backward through the compiled kernels
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            y = module(xi, ctx)
-        y.float().square().sum().backward()
-        outputs.append(y)
-        grads.append(xi.grad)
+    outputs, grads = outputs_and_input_grads((flex, reference), x, ctx, dtype)  # through the compiled kernels
     assert torch.isfinite(outputs[0]).all() and torch.isfinite(grads[0]).all()
     assert rel_err(outputs[0], outputs[1]) < tol
     assert rel_err(grads[0], grads[1]) < tol

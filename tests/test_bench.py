@@ -5,28 +5,18 @@ import json
 
 import pytest
 import torch
-import typer
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
 from eflow.bench.attention import BACKWARD_FLOPS_FACTOR, failure_status
 from eflow.bench.grids import grid_for_tokens, parse_token_count, sweep_grids
-from eflow.cli import bench_cmd
+from eflow.cli.app import app
 from eflow.errors import ConfigError
 from eflow.model.self_attention import SelfAttention
 from eflow.plugins.attention.softmax import sdpa
 from eflow.registry import get_registry, hookimpl, host
 
 runner = CliRunner()
-app = typer.Typer()  # the lead registers bench_cmd in eflow.cli.app; here it gets an app of its own
-
-
-@app.callback()
-def _root() -> None:
-    """Test root."""
-
-
-bench_cmd.register(app)
 
 TINY = ["--heads", "2", "--head-dim", "8", "--device", "cpu", "--warmup", "1", "--repeats", "2"]
 

@@ -4,30 +4,15 @@ import json
 
 import pytest
 import torch
-import typer
+from test_cli import TINY
 from test_eval import TinyI3D
 from typer.testing import CliRunner
 
-from eflow.cli import eval_cmd, train
+from eflow.cli.app import app
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's deprecation notice
 
-app = typer.Typer()
-train.register(app)
-eval_cmd.register(app)  # the lead adds eval_cmd to cli/app.py; the tests build their own app
 runner = CliRunner()
-TINY = [
-    "--frames",
-    "4",
-    "--size",
-    "8",
-    "--batch-size",
-    "2",
-    "--device",
-    "cpu",
-    "--set",
-    "train.preview_every=0",
-]
 
 
 def run(*args):

@@ -19,18 +19,7 @@ from eflow.registry import get_registry, hookimpl, host
 from eflow.train.metrics import read_metrics
 from eflow.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs here train with one torch thread (a loaded 2-core machine stalls on more); restored after."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("restore_threads", "private_cache")
 
 
 def run_config(out, data=None, **train):

@@ -20,19 +20,7 @@ from eflow.plugins.datasets.video_folder import VideoFolderDataset
 from eflow.registry import get_registry
 from eflow.train.metrics import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs here train with one torch thread (a loaded 2-core machine stalls on more); restored after."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Scan caches go to a per-test folder, never the user's ~/.cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("restore_threads", "private_cache")
 
 
 def red_levels(frames: np.ndarray) -> np.ndarray:
