@@ -78,6 +78,11 @@ def format_validation_error(err: ValidationError, where: str, model: type[BaseMo
         if e["type"] == "extra_forbidden":
             parent = _model_at(model, e["loc"][:-1]) if model is not None else None
             msg = "unknown field" + (f"; valid fields: {', '.join(parent.model_fields)}" if parent else "")
+        elif e["type"] == "missing" and model is not None:  # say what the field is (and its flag, if any)
+            parent = _model_at(model, e["loc"][:-1])
+            field = parent.model_fields.get(str(e["loc"][-1])) if parent else None
+            if field is not None and field.description:
+                msg = f"required: {field.description}"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 

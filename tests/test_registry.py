@@ -6,7 +6,7 @@ import textwrap
 import warnings
 
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from typer.testing import CliRunner
 
 from eflow.errors import ConfigError
@@ -59,6 +59,18 @@ def test_option_typo_names_the_field_and_the_valid_ones():
     assert reg.create("x", options={"width": 7}) == 7
     with pytest.raises(ConfigError, match=r"widht: unknown field; valid fields: width"):
         reg.create("x", options={"widht": 7})
+
+
+class NeedsRoot(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field(description="the folder (--data-root)")
+
+
+def test_a_missing_required_option_says_what_it_is():
+    reg = Registry("dataset")
+    reg.register("x", lambda root: root, options=NeedsRoot, owner="p")
+    with pytest.raises(ConfigError, match=r"root: required: the folder \(--data-root\)"):
+        reg.create("x")
 
 
 def test_builtins_are_registered_through_the_entry_point_group(fresh_host):
