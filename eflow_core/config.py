@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from eflow.errors import ConfigError
 from eflow.registry.registry import format_validation_error
@@ -202,6 +202,11 @@ class TrainSection(Section):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (EFlow C.1: constant 1e-4)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant (EFlow C.1) or cosine decay to lr * min_lr_ratio"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / lr of the cosine schedule")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2)")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     ema_decay: float = Field(0.999, ge=0, le=1, description="EMA decay (warmed up as (1+n)/(10+n))")
     seed: int = Field(0, description="seed of everything random in the run")
@@ -219,6 +224,13 @@ class TrainSection(Section):
     workers: int | None = Field(
         None, ge=0, description="DataLoader worker processes; unset = auto (0 for procedural datasets)"
     )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW betas must lie in [0, 1), got {list(betas)}")
+        return betas
 
 
 class SampleSection(Section):
