@@ -227,10 +227,11 @@ def test_solution_flow_loss_equals_hand_computed_fm_scm_and_mva_terms(data, pdg)
     def adaptive(e):
         return 1 / (e.detach() + eps) ** p
 
-    # sample 0: guided FM with d(0.9) = 0.5
+    # sample 0: guided FM with d(0.9) = 0.5, regressing the mixed target (SoFlow: the pass's own detached F)
     x_t, v, c, t = sample(0)
     v_g = v + 0.5 * (w - 1) * (v - F1(x_t, t, t, NULL_LABEL, 0.0, uncond_path, sg))
-    e = mse(F1(x_t, t, t, c, w, "full", k), v_g)
+    v_fm = mix * v_g + (1 - mix) * F1(x_t, t, t, c, w, "full", sg)
+    e = mse(F1(x_t, t, t, c, w, "full", k), v_fm)
     loss0 = adaptive(e) * e
     # sample 1: dropped -> null condition, guidance 0, plain v (weak path for pdg-sfm)
     x_t, v, c, t = sample(1)

@@ -2,7 +2,7 @@
 
 Few-step samples of `sfm` / `pdg-sfm` (solution sampler) must beat Euler samples of `fm` trained for the
 same number of steps at the same step count, and MVA switched on for the last 20% of training (the Kinetics
-stage schedule, continued from the same checkpoint) must not make them worse.
+stage schedule, continued from the same checkpoint) must not make them worse (mean SWD over two seeds).
 """
 
 from __future__ import annotations
@@ -141,15 +141,25 @@ def run_solution_flow(seed: int, pdg: bool, steps: int = STEPS) -> dict:
     return out
 
 
+SEEDS = (0, 1)  # one seed's SWD moves by ~20% between runs; the comparisons use the mean of two
+
+
+def mean_over_seeds(results: list[dict]) -> dict:
+    """Average nested {key: ... {steps: SWD}} dicts of several seeds."""
+    if isinstance(results[0], dict):
+        return {k: mean_over_seeds([r[k] for r in results]) for k in results[0]}
+    return sum(results) / len(results)
+
+
 @pytest.fixture(scope="module")
 def results():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         res = {
-            "fm": run_fm(0),
-            "sfm": run_solution_flow(0, pdg=False),
-            "pdg-sfm": run_solution_flow(0, pdg=True),
+            "fm": mean_over_seeds([run_fm(s) for s in SEEDS]),
+            "sfm": mean_over_seeds([run_solution_flow(s, pdg=False) for s in SEEDS]),
+            "pdg-sfm": mean_over_seeds([run_solution_flow(s, pdg=True) for s in SEEDS]),
         }
         print(f"\ntoy-learning SWD by steps (sfm/pdg-sfm keyed by mva): {res}")  # shown with pytest -s
         return res

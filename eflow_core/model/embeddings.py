@@ -59,7 +59,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(x, self.freq_dim, self.scale))  # [B] -> [B, D]
+        emb = sinusoidal_embedding(x, self.freq_dim, self.scale)  # fp32 features, in the weights' dtype below
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # [B] -> [B, D]
 
 
 class LabelEmbedder(nn.Module):

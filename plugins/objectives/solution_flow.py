@@ -23,8 +23,10 @@ Exact conventions (where the paper and the notes leave room):
   takes the null condition and guidance 0 on the full path and trains || F(x_t, t, t, null, 0) - v ||^2.
   The unconditional velocity is always queried with guidance 0 to match (w = 0 in Eq. 11 is the
   unconditional field). Samples whose label is null use the plain v instead of v_g and get guidance 0.
-- the velocity mix applies to the SCM step x_l only; FM regresses v_g directly (the mix would need an
-  extra conditional pass per FM sample, and the notes count ~2 passes per FM sample).
+- the velocity mix: the SCM step x_l uses v_mix; guided FM samples regress mix v_g + (1 - mix) F_sg with
+  F_sg the detached output of their own gradient pass, as SoFlow's code does (option `mix_fm_target`). It
+  costs no pass and leaves the gradient's direction alone, but scales the error by mix, which raises FM's
+  adaptive weight 1 / (mix^2 e + eps)^p against SCM's (about 3.5x at e = 1 with the defaults).
 - loss normalization: loss = (1 / B) sum_i loss_i over the whole batch, which is
   (n_fm / B) L_FM + (n_scm / B) L_SCM + (n_mva / B) L_MVA with each L the mean over its group,
   i.e. a L_FM + b L_SCM + (1 - a - b) L_MVA with the realized group fractions.
@@ -96,10 +98,11 @@ class SolutionFlowOptions(BaseModel):
     sigma_s: float = Field(0.8, gt=0, description="logit-normal std of s; EFlow Table 5")
     shift_s: float = Field(1.0, gt=0, description="time shift of s; EFlow Table 5")
     r0: float = Field(
-        0.1,
+        1.0,
         gt=0,
         le=1,
-        description="(t - l) / (t - s) at step 0 of the exponential l - t schedule; SoFlow ImageNet",
+        description="(t - l) / (t - s) at step 0 of the exponential l - t schedule; 1 = the SCM target starts as "
+        "one Euler jump to s (learns faster in short runs, docs/results.md); SoFlow ImageNet 0.1",
     )
     r1: float = Field(0.002, gt=0, le=1, description="(t - l) / (t - s) at the last step; SoFlow ImageNet")
     p: float = Field(
@@ -119,6 +122,18 @@ class SolutionFlowOptions(BaseModel):
         ge=0,
         le=1,
         description="v_mix = mix v_g + (1 - mix) F_sg(x_t, t, t, c); EFlow Table 5 / SoFlow 0.25",
+    )
+    scm_start: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the run trained without SCM (its share goes to FM) before SCM starts; "
+        "0 = SCM from the first step (SoFlow, EFlow)",
+    )
+    mix_fm_target: bool = Field(
+        True,
+        description="FM regresses mix v_g + (1 - mix) F_sg too, F_sg the detached F of the same pass (SoFlow's "
+        "code; no extra pass): the error is scaled by mix, which sets FM's adaptive weight against SCM's",
     )
     target: Literal["online", "ema"] = Field(
         "online", description="weights of the SCM target f_sg: online under no_grad (SoFlow) or the EMA copy"
@@ -307,19 +322,26 @@ class SolutionFlow(Objective):
         self.grid = mva_grid(self.options.mva_grid_points, self.options.mva_grid_shift)
 
     # -- the batch split ---------------------------------------------------------------------------
-    def shares(self, mva_share: float = 0.0) -> tuple[float, float, float]:
-        """(a', b', m): m = mva_share if option `mva` is on (else 0); FM : SCM = fm_ratio : scm_ratio fill 1 - m."""
+    def shares(self, mva_share: float = 0.0, step: int | None = None) -> tuple[float, float, float]:
+        """(a', b', m): m = mva_share if option `mva` is on (else 0); FM : SCM = fm_ratio : scm_ratio fill 1 - m.
+        Before `scm_start` of the run (when `step` is given) SCM's share goes to FM."""
         m = float(mva_share) if self.options.mva else 0.0
         if not 0.0 <= m < 1.0:
             raise ConfigError(f"mva_share must be in [0, 1) (got {m})")
         a, b = self.options.fm_ratio, self.options.scm_ratio
+        if step is not None and step < self.options.scm_start * self.total_steps:
+            a, b = a + b, 0.0
         k = (1.0 - m) / (a + b)
         return a * k, b * k, m
+
+    def effective_mva_share(self, mva_share: float) -> float:
+        """m of `shares`: the scheduled share when option `mva` is on, else 0."""
+        return self.shares(mva_share)[2]
 
     def draw(self, x0: Tensor, info: StepInfo, generator: torch.Generator | None = None) -> SFMDraws:
         """Groups, noise, times, guidance scale and drop draws for a batch x0 [B, ...]."""
         o, B, dev = self.options, x0.shape[0], x0.device
-        n_fm, n_scm, _ = group_sizes(B, self.shares(info.mva_share))
+        n_fm, n_scm, _ = group_sizes(B, self.shares(info.mva_share, info.step))
         perm = rand(B, generator, dev).argsort()
         fm, scm, mva = perm[:n_fm], perm[n_fm : n_fm + n_scm], perm[n_fm + n_scm :]
         x1 = randn_like(x0, generator)
@@ -403,7 +425,12 @@ class SolutionFlow(Objective):
         ]
         F_fm, F_scm, F_mva, F_weak = run_passes(net, grads, grad=True)
 
-        err_fm = per_sample_mse(torch.cat([F_fm, F_weak]), torch.cat([v_g[full_fm], v[weak_fm]]))
+        target_fm = v_g[full_fm]
+        if o.mix_fm_target and mix < 1:  # SoFlow: mix the guided target with the pass's own detached F
+            mixed = mix * target_fm + (1 - mix) * F_fm.detach()
+            guided_fm = expand_like(~null[full_fm], target_fm)
+            target_fm = torch.where(guided_fm, mixed, target_fm)  # label-dropped samples keep the plain v
+        err_fm = per_sample_mse(torch.cat([F_fm, F_weak]), torch.cat([target_fm, v[weak_fm]]))
         loss_fm = adaptive_weight(err_fm, o.p, o.eps) * err_fm
         f_scm = solution_map(x_t[scm], t[scm], s[scm], F_scm)
         loss_scm = scm_loss(f_scm, f_l, t[scm], l[scm], s[scm], o.p, o.eps)
