@@ -53,6 +53,10 @@ class Objective(ABC):
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
         """The step's loss and metrics."""
 
+    def effective_mva_share(self, mva_share: float) -> float:
+        """The share of the batch this objective trains with MVA at a scheduled `mva_share` (0: no MVA term)."""
+        return 0.0
+
     @abstractmethod
     def cost(self, mva_share: float = 0.0) -> ForwardCost:
         """Expected forward passes per sample (declared, so runs can be compared before they start)."""

@@ -20,6 +20,10 @@ class TokenDrop(ABC):
         device = generator.device if generator is not None else torch.device("cpu")
         return self.keep(grid, batch, ratio, generator, device)
 
+    def effective_ratio(self, ratio: float) -> float:
+        """The share of tokens this strategy really drops at a scheduled `ratio` (`none`: always 0)."""
+        return ratio
+
     @abstractmethod
     def keep(
         self,

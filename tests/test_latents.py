@@ -109,7 +109,7 @@ def test_encode_writes_shards_and_an_index(tmp_path, with_hashed):
     r = index["recipe"]
     assert r["autoencoder"] == {
         "name": "pixel",
-        "options": {"channels": 3},
+        "options": {"channels": 3, "normalize": False, "mean": None, "std": None},
         "latent_shape": [3, 2, 8, 8],
         "image_latent_shape": None,
         "normalization": None,

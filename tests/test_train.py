@@ -99,3 +99,47 @@ def test_torchrun_two_gloo_processes(tmp_path):
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]  # written once, by rank 0
     assert (out / "model.safetensors").is_file() and (out / "trainer_state.pt").is_file()
+
+
+def test_fm_run_logs_what_it_does_no_drop_and_no_mva(tmp_path):
+    """`--objective fm --token-drop none` under the EFlow stage schedule: every step is dense, without MVA."""
+    cfg = tiny_config(tmp_path / "fm", steps=5)
+    cfg.objective.name, cfg.objective.options = "fm", {}
+    cfg.token_drop.name = "none"
+    Trainer(cfg, progress=False).run()
+    records = read_metrics(tmp_path / "fm" / "metrics.jsonl")
+    assert {(r["drop_ratio"], r["mva_share"]) for r in records} == {(0.0, 0.0)}
+    assert trainer_mod.progress_info(records[0]).endswith("stage 0 (dense)")
+
+
+def test_eflow_run_logs_its_drop_then_its_mva_share(tmp_path):
+    Trainer(tiny_config(tmp_path / "ef", steps=5), progress=False).run()
+    records = read_metrics(tmp_path / "ef" / "metrics.jsonl")
+    assert [(r["drop_ratio"], r["mva_share"]) for r in records] == [(0.75, 0.0)] * 4 + [(0.0, 0.25)]
+    assert trainer_mod.progress_info(records[0]).endswith("stage 0 (drop 0.75)")
+    assert trainer_mod.progress_info(records[-1]).endswith("stage 1 (dense, mva 0.25)")
+
+
+def test_warmup_then_cosine_learning_rate_is_logged(tmp_path):
+    Trainer(
+        tiny_config(tmp_path / "lr", steps=6, lr=1e-3, warmup_steps=2, lr_schedule="cosine"), progress=False
+    ).run()
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "lr" / "metrics.jsonl")]
+    assert lrs[:2] == pytest.approx([5e-4, 1e-3])
+    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] < lrs[3] < lrs[2]
+
+
+def test_pixel_statistics_are_fitted_once_and_recorded_for_resume_and_sampling(tmp_path):
+    import json
+
+    cfg = tiny_config(tmp_path / "norm", steps=2)
+    cfg.data.autoencoder_options = {"normalize": True}
+    Trainer(cfg, progress=False).run()
+    options = json.loads((tmp_path / "norm" / "config.json").read_text())["data"]["autoencoder_options"]
+    assert len(options["mean"]) == 3 and all(-1 < m < 0 for m in options["mean"])  # dark shapes clips
+    assert all(0 < s < 1 for s in options["std"])
+    resumed = tiny_config(tmp_path / "norm", steps=3)
+    resumed.data.autoencoder_options = options
+    Trainer(resumed, resume=True, progress=False).run()
+    after = json.loads((tmp_path / "norm" / "config.json").read_text())["data"]["autoencoder_options"]
+    assert after == options  # not refitted on resume

@@ -45,6 +45,7 @@ from eflow.train.distributed import (
     shutdown,
 )
 from eflow.train.ema import EMA
+from eflow.train.lr_schedule import learning_rate
 from eflow.train.metrics import MetricsLog
 
 
@@ -67,6 +68,15 @@ def check_writable(run_dir: Path) -> None:
 
 
 LABELS = "labels.json"  # the dataset's class names, index = label id
+
+
+def progress_info(record: dict) -> str:
+    """The progress line's text: loss, speed and what the step really did (dropping, MVA), e.g.
+    "loss 0.5424 6.5 it/s stage 0 (drop 0.75)" or "... stage 1 (dense, mva 0.25)"."""
+    what = [f"drop {record['drop_ratio']:.2f}" if record["drop_ratio"] > 0 else "dense"]
+    if record["mva_share"] > 0:
+        what.append(f"mva {record['mva_share']:.2f}")
+    return f"loss {record['loss']:.4f} {record['it_s']:.1f} it/s stage {record['stage']} ({', '.join(what)})"
 
 
 @dataclass
@@ -131,12 +141,16 @@ class Trainer:
         self.parts: Parts = build_parts(cfg)
         if self.parts.num_classes is not None:
             cfg.data.num_classes = self.parts.num_classes  # resolved: sampling needs no dataset
+        self._fit_autoencoder()  # a no-op when config.json already carries the statistics (resume)
         self.model = self.parts.model.to(self.device)
         self.parts.move_to(self.device)
         broadcast_parameters(self.model, self.world)
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999)
+            self.model.parameters(),
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            betas=cfg.train.betas,
         )
         self.objective = get_registry("objective").create(
             cfg.objective.name, options=cfg.objective.options, total_steps=cfg.train.steps
@@ -174,13 +188,27 @@ class Trainer:
         for dataset in datasets:  # files the start-up scan left out
             self.skips.add(take_skips(dataset))
 
+    def _fit_autoencoder(self, num: int = 128) -> None:
+        """Let an autoencoder that asks for it (`needs_statistics`: the pixel autoencoder's per-channel
+        normalization) fit statistics on the dataset's first clips, and record them in the config, so
+        config.json carries them to resume and sampling. The clips are the same on every rank and at
+        every start, so a refit gives the same numbers."""
+        autoencoder, dataset = self.parts.autoencoder, self.parts.dataset
+        if not getattr(autoencoder, "needs_statistics", False) or dataset is None or len(dataset) == 0:
+            return
+        items = [dataset[i] for i in range(min(num, len(dataset)))]
+        clips = [to_signed(item["video"]) for item in items if "video" in item]
+        if clips:  # pre-encoded latents carry no pixels: the autoencoder encodes nothing
+            fitted = autoencoder.fit_statistics(clips)
+            self.cfg.data.autoencoder_options = {**self.cfg.data.autoencoder_options, **fitted}
+
     def _warn(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     # ----- one step ------------------------------------------------------------------------------
     def _lr(self, step: int) -> float:
-        warm = self.cfg.train.warmup_steps
-        return self.cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+        t = self.cfg.train
+        return learning_rate(step, t.steps, t.lr, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
 
     def _next_batch(self, step: int) -> dict:
         """The batch of `step` from the loader (started at the run's first step), skips recorded."""
@@ -217,7 +245,7 @@ class Trainer:
         x0 = self._x0(raw)
         cond = self.parts.conditioner(raw, self.device)
         stage_index, stage = cfg.token_drop.stage_at(step, cfg.train.steps)
-        ratio = cfg.token_drop.drop_ratio_at(step, cfg.train.steps)
+        ratio = self.token_drop.effective_ratio(cfg.token_drop.drop_ratio_at(step, cfg.train.steps))
         drop = (
             DropPlan(self.token_drop, ratio, torch.Generator().manual_seed(seed + 1)) if ratio > 0 else None
         )
@@ -251,7 +279,7 @@ class Trainer:
             "lr": self._lr(step),
             "drop_ratio": ratio,
             "stage": stage_index,
-            "mva_share": stage.mva_share,
+            "mva_share": self.objective.effective_mva_share(stage.mva_share),
         }
         record.update({k: float(v) for k, v in out.metrics.items()})
         record.update({f"passes/{k}": v / batch for k, v in net.counts.items()})
@@ -362,12 +390,7 @@ class Trainer:
                     done = step + 1
                     if log is not None and (step % cfg.train.log_every == 0 or done == total):
                         log.write(record)
-                    progress.update(
-                        task,
-                        completed=done,
-                        info=f"loss {last_loss:.4f} {record['it_s']:.1f} it/s stage {record['stage']} "
-                        f"(drop {record['drop_ratio']:.2f}, mva {record['mva_share']:.2f})",
-                    )
+                    progress.update(task, completed=done, info=progress_info(record))
                     if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
                         self.save(done)
                     if cfg.train.preview_every and done % cfg.train.preview_every == 0 and done < total:
