@@ -6,8 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
-# the demo budget: 8-frame 16x16 clips (128 tokens with tiny's 1x4x4 patch), ~4 minutes on 2 CPU cores
-DEMO_FLAGS ?= --steps 1200 --size 16 --batch-size 16 --lr 1e-3
+# the demo's run: configs/demo.toml (8-frame 16x16 clips, 2000 steps, ~4.5 minutes on 2 CPU cores)
+DEMO_FLAGS ?= --config configs/demo.toml
 
 .PHONY: setup demo test lint clean
 
@@ -23,7 +23,7 @@ setup: $(BIN)/eflow
 
 demo: setup
 	$(BIN)/eflow train $(DEMO_FLAGS) --out $(DEMO_OUT) --overwrite
-	$(BIN)/eflow sample $(DEMO_OUT) --steps 4 --num 10
+	$(BIN)/eflow sample $(DEMO_OUT) --steps 4 --num 8
 
 test: setup
 	$(BIN)/python -m pytest -q

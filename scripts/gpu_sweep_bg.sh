@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the lent GPU machine: `start` launches scripts/sweep.py on scripts/sweeps/$SWEEP.toml in its own
+# process session (so it outlives this command while the machine stays warm) and waits up to WAIT_S;
+# `wait` (the next call, within the machine's warm period) waits for it to finish. Both copy what is
+# done so far (results.md/json, eval reports, metrics; no weights) to $OUT. Needs .whl/ (docs/benchmarks.md).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SW=/tmp/sweep
+if [ "${1:-start}" = start ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EFLOW_PLUGINS=
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null || exit 1
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  GPUS=$(nvidia-smi -L | wc -l)
+  mkdir -p $SW
+  setsid nohup python3 scripts/sweep.py scripts/sweeps/${SWEEP:?}.toml --out $SW --parallel ${PARALLEL:-8} \
+    --gpus $GPUS > $SW/sweep.log 2>&1 < /dev/null &
+  echo $! > $SW/pid
+fi
+end=$(( $(date +%s) + ${WAIT_S:-540} ))
+while kill -0 "$(cat $SW/pid)" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
+kill -0 "$(cat $SW/pid)" 2>/dev/null && echo "sweep still running" || echo "sweep finished"
+tail -5 $SW/sweep.log
+for f in $SW/*/metrics.jsonl; do n=$(basename $(dirname $f)); echo "$n: $(wc -l < $f) steps logged, last it/s $(tail -1 $f | python3 -c 'import json,sys; print(round(json.loads(sys.stdin.read())["it_s"],2))')"; done
+cat $SW/results.md 2>/dev/null
+cp $SW/results.md $SW/results.json "$OUT/" 2>/dev/null
+tar czf "$OUT/sweep.tgz" --exclude='*.safetensors' --exclude='*.pt' -C /tmp sweep

@@ -1,0 +1,189 @@
+"""Train and evaluate many run configurations side by side: the tool behind docs/results.md.
+
+    python scripts/sweep.py SWEEP.toml --out runs/sweep [--parallel 8] [--only NAME,...]
+
+SWEEP.toml:
+
+    [common]                       # flags every run gets (a list of CLI words, or one string)
+    train = "--preset tiny --size 16 --frames 8 --batch-size 16 --steps 1200"
+    evals = ["--steps 4", "--steps 1"]   # one `eflow eval` per entry (flags after RUN_DIR)
+    eval_num = 500
+    prepare = ["eval train-extractor --data shapes --frames 8 --size 16"]   # eflow commands run first
+
+    [runs.fm]                      # one table per run: extra train flags, optional own evals
+    train = "--objective fm --attn softmax --token-drop none"
+    evals = ["--steps 40", "--steps 4"]
+
+Each run is `eflow train ... --out OUT/NAME` followed by its evals (`eflow eval OUT/NAME --metric
+accuracy,fvd ...`); runs go `--parallel` at a time as separate processes (several fit on one GPU).
+A run that finished before is skipped and one that was interrupted resumes (`--resume`), so a sweep
+can be completed over several sittings. Results: OUT/results.json and OUT/results.md (one row per run
+and eval: accuracy, in-domain FVD, steps, training seconds), printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import tomllib
+
+EFLOW = [sys.executable, "-m", "eflow.cli.app"]
+
+
+def words(value) -> list[str]:
+    """A flag list from a TOML string or list."""
+    if value is None:
+        return []
+    return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
+
+
+def run_one(name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: int | None) -> list[dict]:
+    """Train (or resume) one run, then evaluate it (on CUDA device `gpu` if given); one row per eval."""
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+    call = lambda cmd: subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: E731
+    run_dir = out / name
+    log = (log_dir / f"{name}.log").open("a")
+    flags = words(common.get("train")) + words(spec.get("train"))
+    state = run_dir / "trainer_state.pt"
+    done_marker = run_dir / "train_seconds.json"
+    if not done_marker.exists():
+        resume = ["--resume"] if state.exists() else ["--overwrite"]
+        cmd = [*EFLOW, "train", *flags, "--out", str(run_dir), *resume]
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        t0 = time.time()
+        rc = call(cmd)
+        if rc != 0:
+            return [{"run": name, "error": f"train exited {rc} (see {log.name})"}]
+        done_marker.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
+    seconds = json.loads(done_marker.read_text())["seconds"]
+    rows = []
+    for i, ev in enumerate(spec.get("evals", common.get("evals", [""]))):
+        report = run_dir / f"eval_{i}.json"
+        if not report.exists():
+            num = str(spec.get("eval_num", common.get("eval_num", 500)))
+            cmd = [*EFLOW, "eval", str(run_dir), "--num", num, "--metric", "accuracy,fvd", *words(ev)]
+            cmd += ["--out", str(report)]
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            if call(cmd) != 0:
+                rows.append({"run": name, "eval": ev, "error": f"eval failed (see {log.name})"})
+                continue
+        data = json.loads(report.read_text())
+        rows.append(
+            {
+                "run": name,
+                "eval": ev or "(run's sampler)",
+                "sampler": data["sampling"]["sampler"],
+                "steps": data["sampling"]["steps"],
+                "accuracy": round(data["metrics"]["accuracy"], 3),
+                "fvd": round(data["metrics"]["fvd"], 2),
+                "train_step": data["run"]["step"],
+                "train_seconds": seconds,
+                "train": shlex.join(words(spec.get("train"))),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = "| run | train flags | steps | sampler | NFE steps | class acc. | in-domain FVD | train s |"
+    lines = [head, "|" + " --- |" * 8]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['run']} | {r['error']} |" + " |" * 6)
+            continue
+        lines.append(
+            f"| {r['run']} | `{r['train']}` | {r['train_step']} | {r['sampler']} | {r['steps']} | "
+            f"{r['accuracy']:.3f} | {r['fvd']:.2f} | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    """Two bar charts (class accuracy, in-domain FVD), one bar per run and eval, labelled run / NFE steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "error" not in r]
+    labels = [f"{r['run']}\n{r['sampler']} {r['steps']}" for r in rows]
+    colours = ["tab:blue" if r["sampler"] == "euler" else "tab:orange" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows)), 4.2))
+    for ax, key, name in ((axes[0], "accuracy", "sample class accuracy (higher is better)"),
+                          (axes[1], "fvd", "in-domain FVD (lower is better)")):  # fmt: skip
+        bars = ax.bar(range(len(rows)), [r[key] for r in rows], color=colours)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(
+        title or "blue: FM + Euler with CFG; orange: the EFlow recipe + solution sampler", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--only", default="", help="comma-separated run names")
+    ap.add_argument("--gpus", type=int, default=0, help="spread runs over this many GPUs (0: leave as is)")
+    ap.add_argument(
+        "--plot-only", action="store_true", help="only redraw OUT/results.png from OUT/results.json"
+    )
+    args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads((args.out / "results.json").read_text()), args.out / "results.png")
+        return
+    spec = tomllib.loads(args.sweep.read_text())
+    common, runs = spec.get("common", {}), spec.get("runs", {})
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = [n for n in wanted if n not in runs]
+        if unknown:
+            sys.exit(f"--only: unknown run(s) {', '.join(unknown)}; choices: {', '.join(runs)}")
+        runs = {n: runs[n] for n in wanted}
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out / "logs"
+    log_dir.mkdir(exist_ok=True)
+    for command in common.get("prepare", []):
+        cmd = [*EFLOW, *words(command)]
+        print(f"$ {shlex.join(cmd)}", flush=True)
+        with (log_dir / "prepare.log").open("a") as log:
+            if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT) != 0:
+                sys.exit(f"prepare step failed: {shlex.join(cmd)} (see {log.name})")
+    order = list(runs)
+    done: dict[str, list[dict]] = {}
+    with ThreadPoolExecutor(args.parallel) as pool:
+        futures = {
+            pool.submit(run_one, n, s, common, args.out, log_dir, i % args.gpus if args.gpus else None): n
+            for i, (n, s) in enumerate(runs.items())
+        }
+        for fut in as_completed(futures):
+            name = futures[fut]
+            done[name] = fut.result()
+            rows = [row for n in order if n in done for row in done[n]]  # results so far, sweep order
+            (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+            (args.out / "results.md").write_text(table(rows))
+            print(f"finished {name} ({len(done)}/{len(runs)})", flush=True)
+    print(table(rows))
+    try:
+        plot(rows, args.out / "results.png")
+    except ImportError:
+        print("(matplotlib is not installed: no results.png)")
+
+
+if __name__ == "__main__":
+    main()
