@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
-# the demo's run: configs/demo.toml (8-frame 16x16 clips, 2000 steps, ~4.5 minutes on 2 CPU cores)
+# the demo's run: configs/demo.toml (8-frame 16x16 clips, 2000 steps, ~4 minutes on 2 CPU cores)
 DEMO_FLAGS ?= --config configs/demo.toml
 
 .PHONY: setup demo test lint clean
