@@ -40,6 +40,7 @@ def flags_layer(**flags: Any) -> dict[str, Any]:
         "device": "train.device",
         "out": "train.out",
         "save_every": "train.save_every",
+        "keep": "train.keep_checkpoints",
         "preview_every": "train.preview_every",
         "threads": "train.threads",
         "precision": "train.precision",
@@ -190,6 +191,9 @@ def register(app: typer.Typer) -> None:
         save_every: Annotated[
             int | None, typer.Option(help="checkpoint every n steps", rich_help_panel=RUN)
         ] = None,
+        keep: Annotated[
+            int | None, typer.Option(help="checkpoints kept (the newest; default 2)", rich_help_panel=RUN)
+        ] = None,
         preview_every: Annotated[
             int | None, typer.Option(help="sample preview every n steps", rich_help_panel=RUN)
         ] = None,
@@ -245,6 +249,7 @@ def register(app: typer.Typer) -> None:
                 threads=threads,
                 out=out,
                 save_every=save_every,
+                keep=keep,
                 preview_every=preview_every,
             )
             sched = {"ratio": drop_ratio, "until": drop_until, "dense_every": dense_every}

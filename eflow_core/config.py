@@ -216,6 +216,7 @@ class TrainSection(Section):
     )
     out: str = Field("runs/demo", description="run directory")
     save_every: int = Field(250, ge=0, description="checkpoint every n steps (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="committed checkpoints kept (the newest ones)")
     log_every: int = Field(1, ge=1, description="write metrics every n steps")
     preview_every: int = Field(
         250, ge=0, description="write a sample preview PNG every n steps (0 = only at the end)"
@@ -312,14 +313,21 @@ def build_config(*layers: dict[str, Any], where: str = "run config") -> RunConfi
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config.json of a run directory."""
-    path = Path(run_dir) / "config.json"
+    """The resolved config of a run directory: its newest checkpoint's config.json (what its weights were
+    trained with), else the one written when the run started."""
+    from eflow.run_dir import config_path
+
+    path = config_path(run_dir)
     if not path.is_file():
         raise ConfigError(
             f"{run_dir} is not a run directory (no config.json); train one with `eflow train --out {run_dir}`"
         )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is corrupt (not JSON: {err}); retrain or restore it") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is corrupt (not JSON text: {err}); retrain or restore it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} is corrupt (a {type(data).__name__}, not a JSON object); retrain or restore it"
+        )
     return build_config(data, where=str(path))

@@ -1,12 +1,14 @@
 """The CLI end to end, and one clear message (no traceback) for each kind of bad input."""
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from eflow.cli.app import app
 from eflow.data.video_io import read_video
+from eflow.run_dir import checkpoint_dirs
 
 runner = CliRunner()
 TINY = [
@@ -43,8 +45,12 @@ def trained_run(tmp_path_factory):
 
 
 def test_train_writes_a_complete_run_directory(trained_run):
-    for name in ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl"):
+    for name in ("config.json", "metrics.jsonl"):
         assert (trained_run / name).is_file(), name
+    (latest,) = checkpoint_dirs(trained_run)
+    assert latest.name == "step_00000003"
+    for name in ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "manifest.json"):
+        assert (latest / name).is_file(), name
     cfg = json.loads((trained_run / "config.json").read_text())
     options = cfg["objective"]["options"]  # resolved in full: every choice is on record
     assert cfg["objective"]["name"] == "pdg-sfm" and options["mva"] is True
@@ -121,10 +127,22 @@ def test_sample_from_a_missing_or_corrupt_run_directory(tmp_path):
 
 def test_sample_with_corrupt_weights(trained_run, tmp_path):
     broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((trained_run / "config.json").read_text())
-    (broken / "ema.safetensors").write_bytes(b"garbage")
-    assert_clean_error(run("sample", broken), "corrupt")
+    shutil.copytree(trained_run, broken)
+    (latest,) = checkpoint_dirs(broken)
+    weights = bytearray((latest / "ema.safetensors").read_bytes())
+    weights[-100] ^= 0xFF  # one flipped byte in a tensor: loads silently without the manifest's hash
+    (latest / "ema.safetensors").write_bytes(bytes(weights))
+    assert_clean_error(run("sample", broken), "does not match its SHA-256")
+    (latest / "ema.safetensors").write_bytes(b"garbage")
+    assert_clean_error(run("sample", broken), "ema.safetensors has 7 bytes, the manifest says")
+    flat = tmp_path / "flat"  # a run directory written before checkpoints had their own directories
+    flat.mkdir()
+    for name in ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt"):
+        shutil.copy(checkpoint_dirs(trained_run)[0] / name, flat / name)
+    result = run("sample", flat, "--steps", 1, "--num", 1, "--out", tmp_path / "flat_samples")
+    assert result.exit_code == 0, result.output
+    (flat / "ema.safetensors").write_bytes(b"garbage")
+    assert_clean_error(run("sample", flat), "corrupt")
 
 
 def test_unwritable_out(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from eflow.config import build_config
 from eflow.errors import EflowError
+from eflow.run_dir import checkpoint_dirs
 from eflow.train import trainer as trainer_mod
 from eflow.train.metrics import read_metrics
 from eflow.train.trainer import Trainer
@@ -37,27 +38,52 @@ def losses(run_dir):
     return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
 
 
-def test_resume_after_a_crash_continues_the_run_exactly(tmp_path, monkeypatch):
-    """EFlow recipe (pdg-sfm + MVA, sprint drop then dense): losses after resuming equal the uninterrupted run's."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_at_a_step_boundary_and_resume_continues_exactly(tmp_path, monkeypatch, signame):
+    """EFlow recipe (pdg-sfm + MVA, sprint drop then dense): SIGINT/SIGTERM during step 3 stops after it,
+    commits step 4, and the resumed run's losses equal the uninterrupted run's."""
+    import signal
+
     Trainer(tiny_config(tmp_path / "full"), progress=False).run()
     expected = losses(tmp_path / "full")
     assert len(expected) == 6
 
     original = Trainer.train_step
 
-    def crash_at_step_4(self, step):
+    def signal_during_step_3(self, step):
+        if step == 3:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", signal_during_step_3)
+    with pytest.raises(EflowError, match=f"stopped by {signame} after step 4; the run is saved"):
+        Trainer(tiny_config(tmp_path / "stopped"), progress=False).run()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert losses(tmp_path / "stopped") == expected[:4]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "stopped")] == ["step_00000004"]
+
+    Trainer(tiny_config(tmp_path / "stopped"), resume=True, progress=False).run()
+    assert losses(tmp_path / "stopped") == expected  # bit-exact on CPU
+
+
+def test_an_abort_inside_a_step_saves_nothing_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A second signal (KeyboardInterrupt mid-step) may come after the optimizer step: no checkpoint is
+    written for it, the committed one stays, and resume redoes the lost steps exactly."""
+    Trainer(tiny_config(tmp_path / "full"), progress=False).run()
+    expected = losses(tmp_path / "full")
+    original = Trainer.train_step
+
+    def abort_in_step_4(self, step):
         if step == 4:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_4)
-    with pytest.raises(EflowError, match="saved the run at step 4"):
-        Trainer(tiny_config(tmp_path / "crashed"), progress=False).run()
+    monkeypatch.setattr(Trainer, "train_step", abort_in_step_4)
+    with pytest.raises(EflowError, match="aborted during step 5; step_00000004 is intact"):
+        Trainer(tiny_config(tmp_path / "run", save_every=2), progress=False).run()
     monkeypatch.setattr(Trainer, "train_step", original)
-    assert losses(tmp_path / "crashed") == expected[:4]
-
-    Trainer(tiny_config(tmp_path / "crashed"), resume=True, progress=False).run()
-    assert losses(tmp_path / "crashed") == expected  # bit-exact on CPU
+    Trainer(tiny_config(tmp_path / "run", save_every=2), resume=True, progress=False).run()
+    assert losses(tmp_path / "run") == expected
 
 
 def test_existing_run_is_not_overwritten_without_a_flag(tmp_path):
@@ -98,7 +124,8 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]  # written once, by rank 0
-    assert (out / "model.safetensors").is_file() and (out / "trainer_state.pt").is_file()
+    (latest,) = checkpoint_dirs(out)  # written once, by rank 0
+    assert (latest / "model.safetensors").is_file() and (latest / "trainer_state.pt").is_file()
 
 
 def test_fm_run_logs_what_it_does_no_drop_and_no_mva(tmp_path):

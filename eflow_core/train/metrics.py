@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from eflow.atomic import atomic_write_text
+
 
 class MetricsLog:
     """Append-only JSON-lines log; on resume, lines past the checkpoint's step are dropped."""
@@ -19,12 +21,17 @@ class MetricsLog:
         self._file = None
 
     def _truncate_after(self, step: int) -> None:
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line and json.loads(line).get("step", -1) < step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Keep the records of steps before `step` (atomically); a torn or foreign line (a crash mid-write)
+        is dropped too."""
+        kept = []
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", step) < step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:

@@ -9,6 +9,8 @@ counted per reason (metrics "skipped/<reason>", kept in the checkpoint, summariz
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from eflow.errors import EflowError
 from eflow.network import DropPlan, Network
 from eflow.objective import StepInfo
 from eflow.registry import get_registry
+from eflow.run_dir import CONFIG, METRICS
 from eflow.sampling import generate, sample_labels, sampler_name
 from eflow.train import checkpoint
 from eflow.train.distributed import (
@@ -47,6 +50,8 @@ from eflow.train.distributed import (
 from eflow.train.ema import EMA
 from eflow.train.lr_schedule import learning_rate
 from eflow.train.metrics import MetricsLog
+from eflow.train.run_lock import RunLock
+from eflow.train.stop_signals import StopSignals
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -109,22 +114,25 @@ class Trainer:
         self.run_dir = Path(cfg.train.out)
         self._batch_iter = None  # the loader's iterator, started at the first step run
         self._data_wait = 0.0  # seconds the last step waited for its batch
+        self._aside: list[Path] = []  # overwritten runs' files, kept until the first new checkpoint
 
     # ----- setup ---------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
-        has_ckpt = (self.run_dir / checkpoint.STATE).exists()
+        has_ckpt = checkpoint.has_checkpoint(self.run_dir)
         if self.resume and not has_ckpt:
-            raise EflowError(
-                f"--resume: {self.run_dir} holds no checkpoint to continue (no {checkpoint.STATE})"
-            )
-        if self.overwrite and has_ckpt:
-            checkpoint.remove_run(self.run_dir)
-        elif not self.resume and has_ckpt:
+            raise EflowError(f"--resume: {self.run_dir} holds no checkpoint to continue")
+        if not self.resume and not self.overwrite and has_ckpt:
             raise EflowError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
                 "or choose another --out"
             )
-        check_writable(self.run_dir)
+
+    def _replace_old_run(self) -> None:
+        """--overwrite, once the new run's config and parts are built: move the old run's files aside
+        (RUN/.replaced-*, deleted when the new run commits its first checkpoint)."""
+        if self.overwrite and checkpoint.has_checkpoint(self.run_dir):
+            checkpoint.move_run_aside(self.run_dir)
+        self._aside = sorted(self.run_dir.glob(".replaced-*"))  # also those of an overwrite that crashed
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -175,7 +183,9 @@ class Trainer:
         self.skips = SkipLog(warn=self._warn if self.world.is_main else None)
         self.start_step = 0
         if self.resume:
-            state = checkpoint.load_checkpoint(self.run_dir, model=self.model, ema=self.ema.model)
+            state = checkpoint.load_checkpoint(
+                self.run_dir, model=self.model, ema=self.ema.model, warn=self._warn
+            )
             self.optimizer.load_state_dict(state["optimizer"])
             self.ema.updates = int(state["ema_updates"])
             self.start_step = int(state["step"])
@@ -291,6 +301,7 @@ class Trainer:
 
     # ----- outputs -------------------------------------------------------------------------------
     def save(self, step: int) -> None:
+        """Commit the checkpoint of `step` (the number of optimizer steps applied)."""
         if not self.world.is_main:
             return
         state = {
@@ -300,8 +311,16 @@ class Trainer:
             "skipped_files": self.skips.state(),
         }
         checkpoint.save_checkpoint(
-            self.run_dir, config_json=self.cfg.to_json(), model=self.model, ema=self.ema.model, state=state
+            self.run_dir,
+            config_json=self.cfg.to_json(),
+            model=self.model,
+            ema=self.ema.model,
+            state=state,
+            keep=self.cfg.train.keep_checkpoints,
         )
+        for aside in self._aside:  # the new run has a checkpoint: the overwritten one can go
+            shutil.rmtree(aside, ignore_errors=True)
+        self._aside = []
 
     def preview(self, step: int) -> Path | None:
         """A PNG frame grid of EMA samples (one row per class) under samples/."""
@@ -354,19 +373,30 @@ class Trainer:
 
     # ----- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        check_writable(self.run_dir)
+        lock = RunLock(self.run_dir)
+        is_main_process = int(os.environ.get("RANK", "0")) == 0
+        if is_main_process:
+            lock.acquire()  # before looking at the directory: a second `eflow train` stops here
+        try:
+            with StopSignals() as stop:
+                return self._run(stop)
+        finally:
+            lock.release()
+
+    def _run(self, stop: StopSignals) -> TrainResult:
         self._check_run_dir()
-        self._setup()
+        self._setup()  # config, plugins and parts are all built before anything in the directory changes
         cfg, main = self.cfg, self.world.is_main
         if main:
-            (self.run_dir / checkpoint.CONFIG).write_text(cfg.to_json())
+            self._replace_old_run()
+            for leftover in checkpoint.clean_leftovers(self.run_dir):
+                self._warn(f"removed {leftover.name}, left by an interrupted save")
+            atomic_write_text(self.run_dir / CONFIG, cfg.to_json())
             self._write_labels()
-        log = (
-            MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if self.resume else None)
-            if main
-            else None
-        )
+        log = MetricsLog(self.run_dir / METRICS, self.start_step if self.resume else None) if main else None
         total = cfg.train.steps
-        step = self.start_step
+        done = self.start_step
         last_loss = float("nan")
         progress = Progress(
             TextColumn("[bold]train[/]"),
@@ -379,31 +409,34 @@ class Trainer:
         )
         try:
             with progress:
-                task = progress.add_task("train", total=total, completed=step, info="")
+                task = progress.add_task("train", total=total, completed=done, info="")
                 t_last = time.perf_counter()
                 for step in range(self.start_step, total):
                     record = self.train_step(step)
+                    done = step + 1  # steps applied
                     last_loss = record["loss"]
                     now = time.perf_counter()
                     record.update(step=step, it_s=1.0 / max(now - t_last, 1e-9))
                     t_last = now
-                    done = step + 1
                     if log is not None and (step % cfg.train.log_every == 0 or done == total):
                         log.write(record)
                     progress.update(task, completed=done, info=progress_info(record))
+                    if stop.received and done < total:
+                        self.save(done)
+                        raise EflowError(
+                            f"stopped by {stop.received} after step {done}; the run is saved in "
+                            f"{self.run_dir}; continue with --resume"
+                        )
                     if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
                         self.save(done)
                     if cfg.train.preview_every and done % cfg.train.preview_every == 0 and done < total:
                         self.preview(done)
-                step = total
-        except KeyboardInterrupt:
-            if step == self.start_step:
-                raise EflowError(f"interrupted before step {step} finished; nothing new was saved") from None
-            if main:
-                self.save(step)
-            raise EflowError(
-                f"interrupted; saved the run at step {step} in {self.run_dir}; continue with --resume"
-            ) from None
+        except KeyboardInterrupt:  # a second signal, or an interrupt raised inside a step: save nothing
+            saved = checkpoint.latest_checkpoint(self.run_dir)
+            after = (
+                "nothing was saved" if saved is None else f"{saved.name} is intact; continue with --resume"
+            )
+            raise EflowError(f"aborted during step {done + 1}; {after}") from None
         finally:
             if log is not None:
                 log.close()
