@@ -199,3 +199,19 @@ def test_manifest_records_every_file_with_its_hash(tmp_path):
         "trainer_state.pt",
     }
     assert checkpoint.verify(latest) is None
+
+
+def test_a_full_disk_at_a_save_is_one_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    save = checkpoint.save_checkpoint
+
+    def full_disk(run_dir, **kwargs):
+        if kwargs["state"]["step"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(run_dir, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    with pytest.raises(EflowError, match="step 4 .*No space left on device; step_00000002 is intact"):
+        Trainer(tiny_config(out, save_every=2), progress=False).run()

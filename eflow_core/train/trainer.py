@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import SafetensorError
 
 from eflow.assembly import Parts, build_dataset, build_parts, resolve_device
 from eflow.atomic import atomic_write_text
@@ -310,14 +311,22 @@ class Trainer:
             "ema_updates": self.ema.updates,
             "skipped_files": self.skips.state(),
         }
-        checkpoint.save_checkpoint(
-            self.run_dir,
-            config_json=self.cfg.to_json(),
-            model=self.model,
-            ema=self.ema.model,
-            state=state,
-            keep=self.cfg.train.keep_checkpoints,
-        )
+        try:
+            checkpoint.save_checkpoint(
+                self.run_dir,
+                config_json=self.cfg.to_json(),
+                model=self.model,
+                ema=self.ema.model,
+                state=state,
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        except (OSError, SafetensorError) as err:  # a full disk, a quota, a vanished mount
+            last = checkpoint.latest_checkpoint(self.run_dir)
+            kept = f"{last.name} is intact" if last is not None else "no checkpoint was committed yet"
+            raise EflowError(
+                f"cannot write the checkpoint of step {step} to {self.run_dir}: {getattr(err, 'strerror', None) or err}"
+                f"; {kept}; free space and continue with --resume"
+            ) from None
         for aside in self._aside:  # the new run has a checkpoint: the overwritten one can go
             shutil.rmtree(aside, ignore_errors=True)
         self._aside = []
