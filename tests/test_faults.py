@@ -213,5 +213,5 @@ def test_a_full_disk_at_a_save_is_one_clear_error_and_keeps_the_last_checkpoint(
         return save(run_dir, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
-    with pytest.raises(EflowError, match="step 4 .*No space left on device; step_00000002 is intact"):
+    with pytest.raises(EflowError, match=r"step 4 .*No space left on device; step_00000002 is intact"):
         Trainer(tiny_config(out, save_every=2), progress=False).run()
