@@ -2,7 +2,14 @@
 
 from eflow.registry.hookspecs import hookimpl, hookspec
 from eflow.registry.manager import PluginInfo, get_registry, host, plugin_infos, reset_host
-from eflow.registry.registry import KINDS, DuplicateNameError, Entry, Registry, UnknownNameError
+from eflow.registry.registry import (
+    KINDS,
+    DuplicateNameError,
+    Entry,
+    Registry,
+    UnknownNameError,
+    format_validation_error,
+)
 
 __all__ = [
     "KINDS",
@@ -11,6 +18,7 @@ __all__ = [
     "PluginInfo",
     "Registry",
     "UnknownNameError",
+    "format_validation_error",
     "get_registry",
     "hookimpl",
     "hookspec",

@@ -26,7 +26,6 @@ from eflow.model.attention_reference import dense_attention, linear_attention_re
 from eflow.plugins.attention.glga import (
     GLGAOptions,
     GLGAttention,
-    band_block_mask,
     linear_attention,
     local_attention_flex,
     window_radius,
@@ -216,12 +215,19 @@ def test_fused_gated_glga_of_the_cuda_path_equals_the_reference(keep):
     torch.testing.assert_close(out[:, :m], expected, atol=1e-5, rtol=1e-5)  # the linear branch runs in fp32
 
 
-def test_band_block_mask_is_reused_for_the_same_index():
+def test_band_block_mask_is_built_once_per_token_context():
+    """Every GLGA block of a forward shares its context's band mask; the next forward's context builds its own."""
     ctx = make_ctx(keep=30)
-    first = band_block_mask(ctx.index, 10)
-    assert band_block_mask(ctx.index, 10) is first
-    assert band_block_mask(ctx.index.clone(), 10) is not first
-    assert band_block_mask(ctx.index, 11) is not band_block_mask(ctx.index.clone(), 10)
+    first, second = (GLGAttention(DIM, HEADS, window_frames=2, impl="flex") for _ in range(2))
+    x = torch.randn(BATCH, 30, DIM)
+    with torch.no_grad():
+        first(x, ctx), second(x, ctx)
+    assert len(ctx.cache) == 1
+    mask = first.band_mask(ctx, padded=False)
+    assert second.band_mask(ctx, padded=False) is mask
+    wider = GLGAttention(DIM, HEADS, window_frames=3)  # another radius, another mask
+    assert wider.band_mask(ctx, padded=False) is not mask
+    assert first.band_mask(make_ctx(keep=30), padded=False) is not mask
 
 
 def test_linear_branch_is_fp32_under_bf16_autocast():

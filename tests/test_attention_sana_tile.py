@@ -328,7 +328,19 @@ def test_tile_block_table_covers_the_mask(m, reference_frames, frame_window, blo
     assert not (per_block.any(dim=(2, 4)) & ~listed.bool()).any()  # every allowed pair is covered
     assert not (full & ~(per_block.all(dim=(2, 4)) & real_pairs)).any()  # full blocks skip the mask_mod
     assert full.any() and (listed.bool() & ~full).any()
-    assert tile_block_mask(index, per_frame, reference_frames, frame_window, block=block) is bm  # reused
+
+
+def test_tile_block_mask_is_built_once_per_token_context():
+    """Every tile block of a forward shares its context's block mask; another pattern builds its own."""
+    ctx = make_ctx((5, 8, 8), keep=200)
+    first, second = (TileAttention(DIM, HEADS, 1, 0, impl="flex") for _ in range(2))
+    x = torch.randn(BATCH, 200, DIM)
+    with torch.no_grad():
+        first(x, ctx), second(x, ctx)
+        assert len(ctx.cache) == 1
+        TileAttention(DIM, HEADS, 2, 0, impl="flex")(x, ctx)
+    assert len(ctx.cache) == 2
+    assert not make_ctx((5, 8, 8), keep=200).cache  # the next forward's context starts empty
 
 
 def test_tile_flops_count_the_allowed_pairs():

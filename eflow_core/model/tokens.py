@@ -1,8 +1,10 @@
-"""The token context every attention backend receives: grid, kept raster indices, RoPE angles."""
+"""The token context every attention backend receives: grid, kept indices, RoPE angles, a forward's cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,12 +18,21 @@ class TokenContext:
     index:   [B, M] raster indices of the kept tokens, sorted ascending (all N when nothing is dropped).
     rope:    [B, M, head_dim // 2] RoPE angles of those tokens (apply with eflow.model.rope.apply_rope).
     dropped: True when M < N (some tokens were dropped before this block).
+    cache:   what backends derive from `index` alone (flex block masks), filled through `cached`; one
+             context serves one forward, so its blocks share the entries and no module keeps a global.
     """
 
     grid: tuple[int, int, int]
     index: Tensor
     rope: Tensor
     dropped: bool = False
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """build() on the first call for `key` in this context, its result on every later one."""
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
 
     @property
     def num_tokens(self) -> int:

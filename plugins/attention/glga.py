@@ -15,16 +15,15 @@ W(i) simply holds fewer keys, and the operation is otherwise unchanged. No convo
 
 Local-branch implementations: "reference" builds the M x M band mask and calls SDPA (fine on CPU);
 "flex" runs flex_attention with a band mask_mod read through the raster indices and a block table built
-from each block's index range (band_block_mask); flex_attention is compiled on CUDA, so no M x M tensor
-exists. On CUDA the gated GLGA runs as one compiled graph (gated_glga), so the fp32 linear branch, the
-norms and the gate fuse around the band (fwd+bwd at 32,760 tokens 23.2 -> 20.3 ms on an H100).
+from each block's index range (band_block_mask, once per forward); flex_attention (eflow.model.flex) is
+compiled on CUDA, so no M x M tensor exists. On CUDA the gated GLGA runs as one compiled graph
+(gated_glga), so the fp32 linear branch, the norms and the gate fuse around the band (fwd+bwd at 32,760
+tokens 23.2 -> 20.3 ms on an H100).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-import warnings
 from typing import Literal
 
 import torch
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from eflow.model import flex
 from eflow.model.attention_reference import dense_attention, linear_attention_reference, window_mask
 from eflow.model.self_attention import RMSNorm, SelfAttention
 from eflow.model.tokens import TokenContext
@@ -54,7 +54,7 @@ class GLGAOptions(BaseModel):
     gate_per_head: bool = Field(
         False, description="Gate each head separately: W_g is D x 2H instead of D x 2."
     )
-    impl: Literal["auto", "reference", "flex"] = Field(
+    impl: flex.Impl = Field(
         "auto",
         description="Local branch: 'reference' (dense masked SDPA), 'flex' (band flex_attention), "
         "'auto' (flex on CUDA, reference on CPU). flex on CPU runs eagerly, forward only (tests).",
@@ -90,89 +90,52 @@ def local_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor, ra
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2)
 
 
-@functools.cache
-def _compiled_flex_attention():
-    """flex_attention compiled once per process; batch and token counts vary per call (objective groups,
-    token dropping), so shapes are left to Dynamo's automatic dynamic marking instead of one graph per shape.
-    """
-    return torch.compile(flex_attention, dynamic=None)
-
-
-BLOCK = 128  # flex_attention's default block size (queries and keys)
-_FAR = 2**40  # raster index given to padding: farther than any radius from every real token
-
-_last_block_mask: tuple | None = None  # (index, version, radius, padded, BlockMask): blocks share ctx.index
-
-
-def _block_table(select: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, QB, KB] bool -> (num [B, 1, QB] int32, indices [B, 1, QB, KB] int32, selected blocks first)."""
-    num = select.sum(-1, dtype=torch.int32)
-    order = torch.argsort((~select).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return num[:, None], order[:, None]
-
-
-def band_block_mask(index: Tensor, radius: int, block: int = BLOCK, pad_inputs: bool = False) -> BlockMask:
+def band_block_mask(
+    index: Tensor, radius: int, block: int = flex.BLOCK, pad_inputs: bool = False
+) -> BlockMask:
     """Block mask of |index[b, q] - index[b, kv]| <= radius for sorted raster indices [B, M].
 
     The block table is built from each block's smallest and largest raster index (O(B (M / block)^2),
     never M x M): a key block touches a query block when their index ranges come within `radius`, and
-    is full when every pair does. Reused while the same index tensor comes back (blocks share ctx.index).
+    is full when every pair does. GLGAttention builds it once per forward (TokenContext.cached).
     pad_inputs: q, k, v will be zero-padded to a multiple of `block` (padding is given a raster index farther
-    than any radius, so no real token sees it).
+    than any radius, flex.FAR, so no real token sees it).
     """
-    global _last_block_mask
-    cached = _last_block_mask
-    if cached is not None and cached[0] is index and cached[1:4] == (index._version, radius, pad_inputs):
-        return cached[4]
     m = index.shape[1]
-    nb = -(-m // block)
-    padded = F.pad(index, (0, nb * block - m), value=_FAR)  # [B, nb * block]
-    first = padded[:, ::block]  # smallest index of each block [B, nb]
-    last = index[
-        :, (torch.arange(nb, device=index.device) * block + block - 1).clamp(max=m - 1)
-    ]  # largest real
+    padded, first, last = flex.block_ranges(index, block)  # [B, nb * block], [B, nb], [B, nb]
     q_lo, q_hi, k_lo, k_hi = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
     touches = (k_hi >= q_lo - radius) & (k_lo <= q_hi + radius)  # [B, QB, KB]
-    full = (k_lo >= q_hi - radius) & (k_hi <= q_lo + radius)
-    ragged = torch.zeros(nb, dtype=torch.bool, device=index.device)
-    ragged[-1] = nb * block != m  # a block holding padding is never full: the mask_mod must hide the padding
-    full &= ~ragged[None, :, None] & ~ragged[None, None, :]
+    full = flex.clear_ragged((k_lo >= q_hi - radius) & (k_hi <= q_lo + radius), m, block)
 
     def band(b, h, q_idx, kv_idx):
         return (padded[b, q_idx] - padded[b, kv_idx]).abs() <= radius
 
-    kwargs = {}
-    if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
-        length = nb * block if pad_inputs else m
-        kwargs["seq_lengths"] = (length, length)
-    block_mask = BlockMask.from_kv_blocks(
-        *_block_table(touches & ~full), *_block_table(full), BLOCK_SIZE=block, mask_mod=band, **kwargs
-    )
-    _last_block_mask = (index, index._version, radius, pad_inputs, block_mask)
-    return block_mask
+    length = padded.shape[1] if pad_inputs else m
+    return flex.from_tables((touches & ~full)[:, None], full[:, None], band, length, block)
 
 
 def local_attention_flex(
-    q: Tensor, k: Tensor, v: Tensor, index: Tensor, radius: int, pad_to_block: bool | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    radius: int,
+    pad_to_block: bool | None = None,
+    block_mask: BlockMask | None = None,
 ) -> Tensor:
     """Band softmax with flex_attention (compiled on CUDA, eager on CPU): [B, M, H, d].
 
     On CUDA (or with pad_to_block) the sequence is zero-padded to a multiple of 128 first (flex ran SLA's
     blocks ~1.5x slower on a ragged length, 32,760 vs 32,768 tokens on an H100); the band masks the padding.
+    block_mask: band_block_mask(index, radius, pad_inputs=pad_to_block) when the caller holds it already.
     """
     m = q.shape[1]
-    pad = (-m) % BLOCK if (q.is_cuda if pad_to_block is None else pad_to_block) else 0
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))  # [B, M + pad, H, d]
-    block_mask = band_block_mask(index, radius, pad_inputs=bool(pad))
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
-    if q.is_cuda:
-        o = _compiled_flex_attention()(q, k, v, block_mask=block_mask)
-    else:
-        with warnings.catch_warnings():  # eager flex on CPU is the test path; its unfused warning is moot
-            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            o = flex_attention(q, k, v, block_mask=block_mask)
-    return o.transpose(1, 2)[:, :m]
+    padded = q.is_cuda if pad_to_block is None else pad_to_block
+    if block_mask is None:
+        block_mask = band_block_mask(index, radius, pad_inputs=padded)
+    length = flex.num_blocks(m, flex.BLOCK) * flex.BLOCK if padded else m
+    q, k, v = (flex.pad_tokens(t, length).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+    return flex.run(q, k, v, block_mask, "glga_band").transpose(1, 2)[:, :m]
 
 
 def gated_glga(
@@ -207,6 +170,7 @@ def gated_glga(
 @functools.cache
 def _compiled_gated_glga():
     """gated_glga compiled once per process (shapes left to Dynamo's automatic dynamic marking)."""
+    flex.raise_recompile_limit()
     return torch.compile(gated_glga, dynamic=None)
 
 
@@ -222,7 +186,7 @@ class GLGAttention(SelfAttention):
         window_frames: int = 4,
         branches: Literal["gated", "sum", "linear", "window"] = "gated",
         gate_per_head: bool = False,
-        impl: Literal["auto", "reference", "flex"] = "auto",
+        impl: flex.Impl = "auto",
     ):
         super().__init__(dim, num_heads)
         opts = GLGAOptions(
@@ -241,19 +205,28 @@ class GLGAttention(SelfAttention):
         """(5): RMSNorm(Q (K^T V)), product and norm in fp32: [B, M, H, d]."""
         return self.norm_global(linear_attention(q, k, v)).to(v.dtype)
 
+    def band_mask(self, ctx: TokenContext, padded: bool) -> BlockMask:
+        """band_block_mask of ctx's tokens, built once per forward and shared by every GLGA block."""
+        radius = window_radius(ctx.grid, self.window_frames)
+        return ctx.cached(
+            ("glga_band", radius, padded), lambda: band_block_mask(ctx.index, radius, pad_inputs=padded)
+        )
+
     def local_branch(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext) -> Tensor:
         """(6): RMSNorm(band softmax over original raster indices): [B, M, H, d]."""
         radius = window_radius(ctx.grid, self.window_frames)
-        impl = ("flex" if q.is_cuda else "reference") if self.impl == "auto" else self.impl
-        local = local_attention_flex if impl == "flex" else local_attention_reference
-        return self.norm_local(local(q, k, v, ctx.index, radius))
+        if flex.resolve_impl(self.impl, q) == "reference":
+            return self.norm_local(local_attention_reference(q, k, v, ctx.index, radius))
+        padded = q.is_cuda  # whole flex blocks on CUDA
+        o = local_attention_flex(q, k, v, ctx.index, radius, padded, self.band_mask(ctx, padded))
+        return self.norm_local(o)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         if self.branches == "linear":
             return self.global_branch(q, k, v)
         if self.branches == "window":
             return self.local_branch(q, k, v, ctx)
-        if self.branches == "gated" and q.is_cuda and self.impl in ("auto", "flex"):
+        if self.branches == "gated" and q.is_cuda and flex.resolve_impl(self.impl, q) == "flex":
             return self.attend_fused(q, k, v, ctx, x)
         o_global, o_local = self.global_branch(q, k, v), self.local_branch(q, k, v, ctx)
         if self.branches == "sum":
@@ -264,19 +237,14 @@ class GLGAttention(SelfAttention):
     def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         """The gated GLGA on CUDA: pad to whole flex blocks, run the compiled gated_glga, drop the padding."""
         m = q.shape[1]
-        pad = (-m) % BLOCK
-        if pad:
-            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))  # [B, L, H, d]
-            x = F.pad(x, (0, 0, 0, pad))  # [B, L, D]
-        block_mask = band_block_mask(
-            ctx.index, window_radius(ctx.grid, self.window_frames), pad_inputs=bool(pad)
-        )
+        length = flex.num_blocks(m, flex.BLOCK) * flex.BLOCK
+        q, k, v, x = (flex.pad_tokens(t, length) for t in (q, k, v, x))  # [B, L, H, d], x [B, L, D]
         o = _compiled_gated_glga()(
             q,
             k,
             v,
             x,
-            block_mask,
+            self.band_mask(ctx, padded=True),
             self.norm_global.weight,
             self.norm_local.weight,
             self.gate.weight,
@@ -320,7 +288,7 @@ class GLGAttention(SelfAttention):
         return total
 
     def kernel(self, q: Tensor) -> str:
-        impl = ("flex" if q.is_cuda else "reference") if self.impl == "auto" else self.impl
+        impl = flex.resolve_impl(self.impl, q)
         if self.branches == "gated" and q.is_cuda and impl == "flex":
             return "one compiled graph: fp32 einsum Q(K^T V) + flex_attention band + norms and gate"
         local = {

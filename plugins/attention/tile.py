@@ -14,31 +14,23 @@ their own queries attend as any other frame's do (own frame, window, reference f
 is O(M * (2w + 1 + R) H' W'): linear in the number of frames.
 
 Implementations: "reference" builds the M x M mask and calls SDPA (CPU); "flex" runs flex_attention
-with a block table built from each 128-token block's frame range (tile_block_mask, never M x M),
-compiled on CUDA, eager on CPU (forward only).
+(eflow.model.flex) with a block table built from each 128-token block's frame range (tile_block_mask,
+never M x M, once per forward), compiled on CUDA, eager on CPU (forward only).
 """
 
 from __future__ import annotations
-
-import functools
-import inspect
-import warnings
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
+from eflow.model import flex
 from eflow.model.attention_reference import dense_attention
 from eflow.model.self_attention import SelfAttention
 from eflow.model.tokens import TokenContext
-from eflow.plugins.attention.glga import BLOCK, _block_table
 from eflow.registry import hookimpl
-
-_HAS_SEQ_LENGTHS = "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters  # newer torch
-_FAR_FRAME = 2**40  # frame given to padding: farther than any window from every real frame, never < R
 
 
 class TileOptions(BaseModel):
@@ -52,7 +44,7 @@ class TileOptions(BaseModel):
     frame_window: int = Field(
         0, ge=0, description="w: a query attends to the frames within w of its own (0 = its own frame only)."
     )
-    impl: Literal["auto", "reference", "flex"] = Field(
+    impl: flex.Impl = Field(
         "auto",
         description="'reference' (dense masked SDPA), 'flex' (block-sparse flex_attention), 'auto' (flex on "
         "CUDA, reference on CPU). flex on CPU runs eagerly, forward only (tests).",
@@ -92,68 +84,28 @@ def tile_attention_reference(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2)
 
 
-def _seq_lengths(m: int) -> dict:
-    """from_kv_blocks' seq_lengths=(M, M) where this torch accepts it (M need not be a block multiple)."""
-    return {"seq_lengths": (m, m)} if _HAS_SEQ_LENGTHS else {}
-
-
-_last_block_mask: tuple | None = None  # (index, index._version, key, BlockMask): blocks share ctx.index
-
-
 def tile_block_mask(
-    index: Tensor, tokens_per_frame: int, reference_frames: int, frame_window: int, block: int = BLOCK
+    index: Tensor, tokens_per_frame: int, reference_frames: int, frame_window: int, block: int = flex.BLOCK
 ) -> BlockMask:
     """Block mask of the tile pattern for sorted raster indices [B, M], from each block's frame range.
 
     Frames are sorted along the kept tokens, so a block covers frames [first, last]. A key block touches
     a query block when it holds a reference-frame token or the frame ranges come within w; it is full
     when all its tokens are reference-frame tokens or every frame pair is within w. Blocks holding
-    padding are never full. O(B (M / block)^2) work, never M x M; reused while ctx.index comes back.
+    padding (frame flex.FAR, never < R) are never full. O(B (M / block)^2) work, never M x M;
+    TileAttention builds it once per forward (TokenContext.cached).
     """
-    global _last_block_mask
-    key = (tokens_per_frame, reference_frames, frame_window, block)
-    cached = _last_block_mask
-    if cached is not None and cached[0] is index and cached[1] == index._version and cached[2] == key:
-        return cached[3]
     m = index.shape[1]
-    nb = -(-m // block)
-    frame = index // tokens_per_frame  # [B, M]
-    padded = F.pad(frame, (0, nb * block - m), value=_FAR_FRAME)  # [B, nb * block]
-    first = padded[:, ::block]  # [B, nb]: the first token of every block is real
-    last = frame[:, (torch.arange(nb, device=index.device) * block + block - 1).clamp(max=m - 1)]
+    padded, first, last = flex.block_ranges(index // tokens_per_frame, block)  # frames: [B, L], [B, nb] x 2
     q_lo, q_hi, k_lo, k_hi = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
     w, r = frame_window, reference_frames
     touches = ((k_hi >= q_lo - w) & (k_lo <= q_hi + w)) | (k_lo < r)  # [B, QB, KB]
-    full = ((k_lo >= q_hi - w) & (k_hi <= q_lo + w)) | (k_hi < r)
-    ragged = torch.zeros(nb, dtype=torch.bool, device=index.device)
-    ragged[-1] = nb * block != m  # a block holding padding needs the mask_mod to hide the padding
-    full &= ~ragged[None, :, None] & ~ragged[None, None, :]
+    full = flex.clear_ragged(((k_lo >= q_hi - w) & (k_hi <= q_lo + w)) | (k_hi < r), m, block)
 
     def tile(b, h, q_idx, kv_idx):
         return ((padded[b, q_idx] - padded[b, kv_idx]).abs() <= w) | (padded[b, kv_idx] < r)
 
-    block_mask = BlockMask.from_kv_blocks(
-        *_block_table(touches & ~full),
-        *_block_table(full),
-        BLOCK_SIZE=block,
-        mask_mod=tile,
-        **_seq_lengths(m),
-    )
-    _last_block_mask = (index, index._version, key, block_mask)
-    return block_mask
-
-
-def _tile_flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
-    return flex_attention(q, k, v, block_mask=block_mask)
-
-
-@functools.cache
-def _compiled_tile_flex():
-    """The tile flex call compiled once per process, under its own code object: sharing glga's compiled
-    flex_attention made the two backends' mask functions count against one Dynamo recompile limit, and
-    past it flex falls back to the unfused path that materializes M x M scores (seen on an H100).
-    """
-    return torch.compile(_tile_flex, dynamic=None)
+    return flex.from_tables((touches & ~full)[:, None], full[:, None], tile, m, block)
 
 
 def tile_attention_flex(
@@ -164,17 +116,17 @@ def tile_attention_flex(
     tokens_per_frame: int,
     reference_frames: int,
     frame_window: int,
+    block_mask: BlockMask | None = None,
 ) -> Tensor:
-    """Tile softmax with flex_attention (compiled on CUDA, eager on CPU): [B, M, H, d]."""
-    block_mask = tile_block_mask(index, tokens_per_frame, reference_frames, frame_window)
+    """Tile softmax with flex_attention (compiled on CUDA, eager on CPU): [B, M, H, d].
+
+    block_mask: tile_block_mask(index, tokens_per_frame, reference_frames, frame_window) when the caller
+    holds it already.
+    """
+    if block_mask is None:
+        block_mask = tile_block_mask(index, tokens_per_frame, reference_frames, frame_window)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
-    if q.is_cuda:
-        o = _compiled_tile_flex()(q, k, v, block_mask)
-    else:
-        with warnings.catch_warnings():  # eager flex on CPU is the test path; its unfused warning is moot
-            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            o = flex_attention(q, k, v, block_mask=block_mask)
-    return o.transpose(1, 2)
+    return flex.run(q, k, v, block_mask, "tile_frames").transpose(1, 2)
 
 
 class TileAttention(SelfAttention):
@@ -186,7 +138,7 @@ class TileAttention(SelfAttention):
         num_heads: int,
         reference_frames: int = 1,
         frame_window: int = 0,
-        impl: Literal["auto", "reference", "flex"] = "auto",
+        impl: flex.Impl = "auto",
     ):
         super().__init__(dim, num_heads)
         opts = TileOptions(reference_frames=reference_frames, frame_window=frame_window, impl=impl)
@@ -196,13 +148,12 @@ class TileAttention(SelfAttention):
             opts.impl,
         )
 
-    def resolved_impl(self, q: Tensor) -> str:
-        """'flex' or 'reference' for inputs on q's device."""
-        return ("flex" if q.is_cuda else "reference") if self.impl == "auto" else self.impl
-
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
-        run = tile_attention_flex if self.resolved_impl(q) == "flex" else tile_attention_reference
-        return run(q, k, v, ctx.index, ctx.tokens_per_frame, self.reference_frames, self.frame_window)
+        pattern = (ctx.tokens_per_frame, self.reference_frames, self.frame_window)
+        if flex.resolve_impl(self.impl, q) == "reference":
+            return tile_attention_reference(q, k, v, ctx.index, *pattern)
+        block_mask = ctx.cached(("tile_frames", *pattern), lambda: tile_block_mask(ctx.index, *pattern))
+        return tile_attention_flex(q, k, v, ctx.index, *pattern, block_mask=block_mask)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         """Dense softmax with the explicit tile mask (plain torch): [B, M, H, d]."""
@@ -215,7 +166,7 @@ class TileAttention(SelfAttention):
         return 4.0 * self.num_heads * self.head_dim * pairs * (batch / ctx.index.shape[0])
 
     def kernel(self, q: Tensor) -> str:
-        if self.resolved_impl(q) == "flex":
+        if flex.resolve_impl(self.impl, q) == "flex":
             return "flex_attention frame tiles" + (" (compiled)" if q.is_cuda else " (eager)")
         return "SDPA with an M x M frame-tile mask"
 

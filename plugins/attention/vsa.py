@@ -16,30 +16,21 @@ The coarse stage (pooling, scores, selection) is O(M + tiles^2) in both implemen
 "reference" expands the selection into a [B, H, M, M] token mask for a dense masked softmax (CPU, tests);
 "flex" permutes the tokens into tile order, each tile in its own slot of 64 positions (a multiple of 128 for
 tiles of more than 64 cells) with masked padding, and runs compiled block-sparse flex_attention over the
-selection (sla.selection_block_mask), so no M x M tensor exists.
+selection (eflow.model.block_sparse.selection_block_mask), so no M x M tensor exists.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from eflow.model import flex
+from eflow.model.block_sparse import masked_attention, selection_block_mask, topk_count
 from eflow.model.self_attention import SelfAttention
 from eflow.model.tokens import TokenContext
-from eflow.plugins.attention.sla import (
-    FLEX_BLOCK,
-    Impl,
-    masked_attention,
-    num_blocks,
-    run_flex,
-    selection_block_mask,
-    topk_count,
-)
 from eflow.registry import hookimpl
 
 
@@ -61,7 +52,7 @@ class VSAOptions(BaseModel):
         description="Share of tiles each query tile skips in the fine stage: top-k keeps "
         "ceil((1 - sparsity) * tiles), at least 1.",
     )
-    impl: Impl = Field(
+    impl: flex.Impl = Field(
         "auto",
         description="Fine stage: 'reference' (dense masked softmax, M x M), 'flex' (tile-sparse "
         "flex_attention), 'auto' (flex on CUDA, reference on CPU). flex on CPU runs eagerly, forward only.",
@@ -137,23 +128,12 @@ def tile_slots(tiles: Tensor, counts: Tensor, slot: int) -> Tensor:
     return torch.empty_like(tiles).scatter_(1, order, sorted_tiles * slot + rank)
 
 
-def _vsa_flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
-    return flex_attention(q, k, v, block_mask=block_mask)
-
-
-@functools.cache
-def _compiled_vsa_flex():
-    """VSA's own compiled flex (its own code object, so its recompiles are counted apart from other backends';
-    shapes vary per call, left to Dynamo's automatic dynamic marking)."""
-    return torch.compile(_vsa_flex, dynamic=None)
-
-
 def fine_stage_flex(
     q: Tensor, k: Tensor, v: Tensor, tiles: Tensor, counts: Tensor, select: Tensor, slot: int
 ) -> Tensor:
     """(3) with tile-sparse flex_attention: tokens into tile-ordered slots, attend, back: [B, M, H, d]."""
     b, _, h, d = q.shape
-    length = num_blocks(counts.shape[1] * slot, FLEX_BLOCK) * FLEX_BLOCK  # whole flex blocks run faster
+    length = flex.num_blocks(counts.shape[1] * slot, flex.BLOCK) * flex.BLOCK  # whole flex blocks run faster
     pos = tile_slots(tiles, counts, slot)  # [B, M]
     spread = pos[:, :, None, None].expand(-1, -1, h, d)
 
@@ -162,7 +142,7 @@ def fine_stage_flex(
 
     valid = torch.zeros(b, length, dtype=torch.bool, device=q.device).scatter_(1, pos, True)
     block_mask = selection_block_mask(select, slot, slot, length, kv_valid=valid)
-    o = run_flex(to_slots(q), to_slots(k), to_slots(v), block_mask, _compiled_vsa_flex())  # [B, H, L, d]
+    o = flex.run(to_slots(q), to_slots(k), to_slots(v), block_mask, "vsa_tiles")  # [B, H, L, d]
     return o.transpose(1, 2).gather(1, spread)
 
 
@@ -175,15 +155,12 @@ class VideoSparseAttention(SelfAttention):
         num_heads: int,
         tile: tuple[int, int, int] = (4, 4, 8),
         sparsity: float = 0.875,
-        impl: Impl = "auto",
+        impl: flex.Impl = "auto",
     ):
         super().__init__(dim, num_heads)
         opts = VSAOptions(tile=tile, sparsity=sparsity, impl=impl)
         self.tile, self.sparsity, self.impl = opts.tile, opts.sparsity, opts.impl
         self.gate = nn.Linear(dim, dim)
-
-    def resolved_impl(self, q: Tensor) -> str:
-        return ("flex" if q.is_cuda else "reference") if self.impl == "auto" else self.impl
 
     def _coarse(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext
@@ -202,7 +179,7 @@ class VideoSparseAttention(SelfAttention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         tiles, o_coarse, select, counts = self._coarse(q, k, v, ctx)
-        if self.resolved_impl(q) == "flex":
+        if flex.resolve_impl(self.impl, q) == "flex":
             o_fine = fine_stage_flex(q, k, v, tiles, counts, select, slot_size(self.tile))
         else:
             o_fine = masked_attention(q, k, v, self.token_mask(select, tiles))
@@ -231,7 +208,7 @@ class VideoSparseAttention(SelfAttention):
         )
 
     def kernel(self, q: Tensor) -> str:
-        if self.resolved_impl(q) == "flex":
+        if flex.resolve_impl(self.impl, q) == "flex":
             fine = "flex_attention tile-sparse" + (" (compiled)" if q.is_cuda else " (eager)")
         else:
             fine = "masked softmax with an M x M tile mask"

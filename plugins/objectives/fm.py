@@ -20,8 +20,7 @@ from eflow.errors import ConfigError
 from eflow.loss_weight import adaptive_weight, per_sample_mse
 from eflow.network import expand_like
 from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo
-from eflow.registry import hookimpl
-from eflow.registry.registry import format_validation_error
+from eflow.registry import format_validation_error, hookimpl
 from eflow.timesteps import logit_normal, rand, randn_like
 
 SFM_ONLY_OPTIONS = (

