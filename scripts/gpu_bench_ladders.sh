@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Run on the lent GPU machine (device tool, one H200): the training and sampling ladders of EFlow Fig. 4
+# (`eflow bench train`, `eflow bench sample`; docs/benchmarks.md) at two sizes, given as token grids:
+#   B:  16 x 32 x 48 tokens (24,576), training batch 4
+#   XL: 21 x 30 x 52 tokens (32,760: 81 frames of 480 x 832 through the Wan 2.1 VAE), training batch 2
+# Sampling runs at batch 1 (Fig. 4b is a latency); its decode uses a random-weight Wan 2.1 VAE when
+# diffusers is importable (else the pixel autoencoder, which decodes for free: the log says so).
+# Training uses the pixel autoencoder's 3-channel latents (random data; vs the VAE's 16 channels this
+# changes only the patch embedding and the head, far below 0.1% of the FLOPs).
+# Needs the wheels the GPU image lacks in .whl/ (as scripts/gpu_attention.sh); writes results, logs and
+# (with matplotlib) bar charts to $OUT/bench_ladders/<part>/. One part per call keeps each call short:
+#   PARTS="train_B sample_B" bash scripts/gpu_bench_ladders.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; DEST="$OUT/bench_ladders"; mkdir -p "$DEST"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EFLOW_PLUGINS=
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+VAE=()
+if python3 -c "import diffusers" 2>/dev/null; then
+  VAE=(--autoencoder wan --random-vae)
+else
+  echo "note: diffusers is not installed: the sampling ladder decodes with the pixel autoencoder (e2e = diffusion)"
+fi
+EFLOW="python3 -m eflow.cli.app"
+B=(--preset B --grid 16x32x48)
+XL=(--preset XL --grid 21x30x52)
+
+ladder() {  # ladder PART bench-args...: run one ladder into $DEST/PART, log beside it
+  local part=$1; shift
+  echo "== $part: eflow bench $*"
+  $EFLOW bench "$@" --out "$DEST/$part" 2>&1 | tee "$DEST/$part.log" | tail -25
+}
+
+for part in ${PARTS:-train_B sample_B train_XL sample_XL}; do
+  case $part in
+    train_B) ladder "$part" train "${B[@]}" --batch-size 4 --steps "${STEPS_B:-10}" --warmup "${WARMUP:-3}" ;;
+    sample_B) ladder "$part" sample "${B[@]}" "${VAE[@]}" --batch-size 1 --repeats "${REPEATS:-3}" --warmup 1 ;;
+    train_XL) ladder "$part" train "${XL[@]}" --batch-size 2 --steps "${STEPS_XL:-5}" --warmup "${WARMUP:-3}" ;;
+    sample_XL) ladder "$part" sample "${XL[@]}" "${VAE[@]}" --batch-size 1 --repeats "${REPEATS_XL:-2}" --warmup 1 ;;
+    *) echo "unknown part '$part'; choices: train_B sample_B train_XL sample_XL"; exit 2 ;;
+  esac
+done
