@@ -17,7 +17,9 @@ import typer
 from typer.core import TyperGroup
 
 from eflow.cli.errors import err_console, user_errors
-from eflow.cli.options import choices, parse_size
+from eflow.cli.options import choices
+from eflow.config import parse_assignments
+from eflow.run_config import parse_size
 
 DEFAULT_COMMAND = "run"
 
@@ -39,20 +41,6 @@ eval_app = typer.Typer(
 
 SAMPLING = "Sampling"
 FEATURES = "Features and real data"
-
-
-def _options(pairs: list[str] | None, flag: str) -> dict:
-    """KEY=VALUE pairs (TOML values, dotted keys) -> a dict."""
-    from eflow.config import parse_value, set_dotted
-    from eflow.errors import ConfigError
-
-    out: dict = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} frames=16")
-        key, value = pair.split("=", 1)
-        set_dotted(out, key.strip(), parse_value(value.strip()))
-    return out
 
 
 @eval_app.command(DEFAULT_COMMAND)
@@ -120,7 +108,7 @@ def run_eval(
     from eflow.eval.report import EVAL_FILE, eval_tables, write_report
 
     with user_errors():
-        extractor_options = _options(extractor_option, "--extractor-option")
+        extractor_options = parse_assignments(extractor_option, "--extractor-option", "frames=16")
         if i3d_path is not None:
             if extractor != "i3d":
                 raise ConfigError(f"--i3d-path is for --extractor i3d (got --extractor {extractor})")
@@ -184,29 +172,18 @@ def train_extractor(
 
     from eflow.assembly import resolve_device
     from eflow.eval.classifier_training import ClassifierTraining, train_and_cache
+    from eflow.eval.extractor_data import extractor_data
     from eflow.eval.progress import eval_progress
 
     with user_errors():
-        name, options, shape = "shapes", {}, (8, 32, 32)
-        if run is not None:
-            from eflow.config import load_run_config
-
-            cfg = load_run_config(run)
-            name, options, shape = (
-                cfg.data.name,
-                dict(cfg.data.options),
-                (cfg.data.frames, cfg.data.height, cfg.data.width),
-            )
-        if data is not None:
-            name, options = data, {} if data != name else options
-        options.update(_options(data_option, "--data-option"))
-        t = frames if frames is not None else shape[0]
-        h, w = parse_size(size) if size is not None else shape[1:]
+        options = parse_assignments(data_option, "--data-option", "frames=16")
+        source = extractor_data(run, data, options, frames, parse_size(size) if size is not None else None)
+        name, t, h, w = source.name, source.frames, source.height, source.width
         settings = ClassifierTraining(train_clips, heldout_clips, epochs, batch_size, lr, net_width, seed)
         dev = resolve_device(device)
         with eval_progress(console=err_console) as progress:
             path, meta = train_and_cache(
-                name, options, t, h, w, settings, dev, str(cache_dir) if cache_dir else None, progress
+                name, source.options, t, h, w, settings, dev, str(cache_dir) if cache_dir else None, progress
             )
         held = meta["heldout"]
         table = Table(title="held-out accuracy per class", title_justify="left")

@@ -22,16 +22,10 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Parameter counts, total and per part, of a preset with an attention backend."""
-    import torch
-
-    from eflow.model.dit import build_model
-    from eflow.registry import get_registry
+    from eflow.model.preset_counts import preset_parameter_counts
 
     with user_errors():
-        get_registry("attention").get(attn)
-        with torch.device("meta"):
-            model = build_model(preset, attention=attn)
-        counts = model.parameter_counts()
+        counts = preset_parameter_counts(preset, attn)
         if as_json:
             typer.echo(json.dumps({"preset": preset, "attention": attn, "parameters": counts}, indent=2))
             return

@@ -30,6 +30,17 @@ def rows() -> list[dict[str, str]]:
                 }
             )
     for info in plugin_infos():
+        for skipped in info.skipped:
+            out.append(
+                {
+                    "kind": skipped.split(" ", 1)[0],
+                    "name": "-",
+                    "summary": f"skipped duplicate: {skipped}",
+                    "plugin": info.name,
+                    "version": info.version,
+                    "status": "skipped",
+                }
+            )
         if info.status == "failed":
             out.append(
                 {
@@ -59,7 +70,7 @@ def register(app: typer.Typer) -> None:
         for col in ("kind", "name", "summary", "plugin", "version", "status"):
             table.add_column(col, overflow="fold")
         for r in table_rows:
-            style = "red" if r["status"] == "failed" else None
+            style = {"failed": "red", "skipped": "yellow"}.get(r["status"])
             table.add_row(
                 *(r[c] for c in ("kind", "name", "summary", "plugin", "version", "status")), style=style
             )

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from eflow.cli.errors import err_console, user_errors
 
@@ -27,60 +28,64 @@ def register(app: typer.Typer) -> None:
         num: Annotated[int | None, typer.Option(help="number of videos")] = None,
         seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
         sampler: Annotated[str | None, typer.Option(help="sampler (default: the objective's own)")] = None,
+        batch_size: Annotated[
+            int | None, typer.Option(help="videos generated at once (default: the run's, 16)")
+        ] = None,
+        each: Annotated[
+            bool, typer.Option("--each", help="also write every video as videos/NNNNNN.mp4")
+        ] = False,
         weights: Annotated[str, typer.Option(help="ema or model (online) weights")] = "ema",
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
         out: Annotated[Path | None, typer.Option(help="output directory (default: RUN_DIR/samples)")] = None,
     ) -> None:
-        """Sample videos from a trained run."""
+        """Sample videos from a trained run (all files of a call replace the previous call's together)."""
         from eflow.assembly import resolve_device
-        from eflow.condition import Condition
-        from eflow.errors import ConfigError, EflowError
+        from eflow.errors import EflowError
         from eflow.loaded_run import load_run
-        from eflow.sampling import generate, sample_labels, sampler_name, write_samples
+        from eflow.sample_run import sample_run
 
         with user_errors():
             run = load_run(run_dir, resolve_device(device), weights)
-            cfg, parts, dev, step = run.cfg, run.parts, run.device, run.step
-            if sampler is not None:
-                cfg.sample.sampler = sampler
-            steps_ = cfg.sample.steps if steps is None else steps
-            w = cfg.sample.guidance if guidance is None else guidance
-            model = parts.model
-            n = num if num is not None else (len(caption) if caption else cfg.sample.num)
-            if n < 1 or steps_ < 1:
-                raise ConfigError("--num and --steps must be at least 1")
-            if cfg.data.condition == "text":
-                texts = caption or ["a red square moving left"]
-                texts = [texts[i % len(texts)] for i in range(n)]
-                cond = parts.conditioner.captions(texts, dev)
-            else:
-                if caption:
-                    raise ConfigError(
-                        "--caption needs a text-conditioned run (data.condition = text); use --label"
-                    )
-                cond = Condition(labels=sample_labels(n, parts.num_classes, label))
-            name = sampler_name(cfg)
-            videos = generate(
-                model,
-                parts.autoencoder,
-                cond,
-                parts.latent_shape,
-                sampler=name,
-                sampler_options=cfg.sample.sampler_options,
-                steps=steps_,
-                guidance=w,
-                seed=cfg.sample.seed if seed is None else seed,
-                device=dev,
-                precision=run.precision,
-            )
             out_dir = out or run_dir / "samples"
+            progress = Progress(
+                TextColumn("[bold]sample[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+            tasks: list = []
+
+            def advance(done: int, total: int) -> None:  # the bar appears with the first finished batch
+                if not tasks:
+                    progress.start()
+                    tasks.append(progress.add_task("sample", total=total))
+                progress.update(tasks[0], advance=done)
+
             try:
-                paths = write_samples(videos, out_dir, cfg.sample.fps)
+                result = sample_run(
+                    run,
+                    out_dir,
+                    steps=steps,
+                    guidance=guidance,
+                    num=num,
+                    seed=seed,
+                    sampler=sampler,
+                    batch_size=batch_size,
+                    label=label,
+                    captions=caption,
+                    each=each,
+                    on_batch=advance,
+                )
             except OSError as err:
                 raise EflowError(f"cannot write to --out {out_dir}: {err.strerror or err}") from None
+            finally:
+                if tasks:
+                    progress.stop()
             err_console.print(
-                f"[green]sampled[/] {n} videos with '{name}' ({steps_} steps, w={w}) from {weights} weights "
-                f"at step {step}:"
+                f"[green]sampled[/] {result.num} videos with '{result.sampler}' ({result.steps} steps, "
+                f"w={result.guidance}) from {weights} weights at step {run.step}:"
             )
-            for kind, path in paths.items():
+            for kind, path in result.paths.items():
                 typer.echo(f"  {kind}: {path}")

@@ -1,99 +1,20 @@
-"""`eflow train`: build a RunConfig from defaults, run.toml and flags, then train."""
+"""`eflow train`: resolve the RunConfig (eflow.run_config), then train it (eflow.train.trainer)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from eflow.cli.errors import err_console, user_errors
-from eflow.cli.options import apply_overrides, choices, config_layer
-from eflow.config import RunConfig, build_config, load_run_config, load_toml
-from eflow.errors import ConfigError
+from eflow.cli.options import choices
+from eflow.run_config import SCHEDULE_FLAGS, SIZE_FLAG, TRAIN_FLAGS, resolve_run_config
 
 MODEL, DATA, OPT, SCHED, RUN = "Model", "Data", "Objective & optimization", "Token drop schedule", "Run"
-
-
-def flags_layer(**flags: Any) -> dict[str, Any]:
-    """The config layer given by explicit flags (None = not given)."""
-    paths = {
-        "preset": "model.preset",
-        "attn": "model.attention",
-        "objective": "objective.name",
-        "token_drop": "token_drop.name",
-        "data": "data.name",
-        "data_root": "data.options.root",
-        "reader": "data.options.reader",
-        "image_ratio": "data.image_ratio",
-        "autoencoder": "data.autoencoder",
-        "vae_path": "data.autoencoder_options.path",
-        "text_encoder": "data.text_encoder",
-        "workers": "train.workers",
-        "frames": "data.frames",
-        "condition": "data.condition",
-        "batch_size": "train.batch_size",
-        "steps": "train.steps",
-        "lr": "train.lr",
-        "seed": "train.seed",
-        "device": "train.device",
-        "out": "train.out",
-        "save_every": "train.save_every",
-        "keep": "train.keep_checkpoints",
-        "preview_every": "train.preview_every",
-        "threads": "train.threads",
-        "precision": "train.precision",
-        "mva": "objective.options.mva",
-    }
-    return config_layer(flags, paths)
-
-
-def schedule_layer(
-    base: RunConfig, ratio: float | None, until: float | None, dense_every: int | None
-) -> dict:
-    """Stages from the simple flags: drop `ratio` for the first `until` of the steps, then dense."""
-    if ratio is None and until is None and dense_every is None:
-        return {}
-    stages = base.token_drop.stages
-    ratio = stages[0].drop_ratio if ratio is None else ratio
-    until = (stages[0].end if len(stages) > 1 else 1.0) if until is None else until
-    dense_every = stages[0].dense_every if dense_every is None else dense_every
-    mva_last = stages[-1].mva_share
-    if not 0 < until <= 1:
-        raise ConfigError(f"--drop-until {until}: give a fraction of the steps in (0, 1]")
-    if until >= 1.0:  # one stage: drop (or not) for the whole run; MVA, if on, for the whole run too
-        first = {
-            "start": 0.0,
-            "end": 1.0,
-            "drop_ratio": ratio,
-            "dense_every": dense_every,
-            "mva_share": mva_last,
-        }
-        return {"token_drop": {"stages": [first]}}
-    first = {"start": 0.0, "end": until, "drop_ratio": ratio, "dense_every": dense_every, "mva_share": 0.0}
-    last = {"start": until, "end": 1.0, "drop_ratio": 0.0, "dense_every": 0, "mva_share": mva_last}
-    return {"token_drop": {"stages": [first, last]}}
-
-
-def resolve(
-    config: Path | None, resume: bool, out: str | None, flags: dict, overrides: list[str], sched: dict
-) -> RunConfig:
-    """defaults -> (saved config when resuming) -> run.toml -> flags -> --set, validated."""
-    layers: list[dict] = []
-    if resume:
-        from_file = load_toml(config).get("train", {}).get("out") if config else None
-        run_dir = out or from_file or RunConfig().train.out
-        layers.append(load_run_config(run_dir).model_dump(mode="json"))
-    if config is not None:
-        layers.append(load_toml(config))
-    layers.append(flags_layer(**flags))
-    base = build_config(*layers)
-    layers.append(schedule_layer(base, **sched))
-    tree: dict = {}
-    apply_overrides(tree, overrides)
-    layers.append(tree)
-    return build_config(*layers)
+PAR = "Memory and parallelism (docs/scaling.md)"
+CONFIG_FLAGS = {*TRAIN_FLAGS, SIZE_FLAG, *SCHEDULE_FLAGS}  # the options that are config layers
 
 
 def register(app: typer.Typer) -> None:
@@ -187,6 +108,18 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[
             int | None, typer.Option(help="CPU threads (0 = torch default)", rich_help_panel=RUN)
         ] = None,
+        ac: Annotated[
+            str | None,
+            typer.Option(help="activation checkpointing: off, full, selective", rich_help_panel=PAR),
+        ] = None,
+        compile_: Annotated[
+            bool | None,
+            typer.Option("--compile/--no-compile", help="torch.compile every block", rich_help_panel=PAR),
+        ] = None,
+        fsdp: Annotated[
+            bool | None,
+            typer.Option("--fsdp/--no-fsdp", help="FSDP2 sharding under torchrun", rich_help_panel=PAR),
+        ] = None,
         out: Annotated[str | None, typer.Option(help="run directory", rich_help_panel=RUN)] = None,
         save_every: Annotated[
             int | None, typer.Option(help="checkpoint every n steps", rich_help_panel=RUN)
@@ -219,47 +152,12 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Train a video DiT (default: the EFlow recipe: GLGA, PDG-SFM + MVA, SPRINT 75% drop for 80% of steps)."""
-        from eflow.assembly import resolve_plugin_options, validate_plugins
+        given = locals()
+        flags = {name: given[name] for name in CONFIG_FLAGS}
         from eflow.train.trainer import Trainer
 
         with user_errors():
-            flags = dict(
-                preset=preset,
-                attn=attn,
-                objective=objective,
-                mva=mva,
-                token_drop=token_drop,
-                data=data,
-                data_root=data_root,
-                reader=reader,
-                image_ratio=image_ratio,
-                autoencoder=autoencoder,
-                vae_path=vae_path,
-                text_encoder=text_encoder,
-                workers=workers,
-                frames=frames,
-                size=size,
-                condition=condition,
-                batch_size=batch_size,
-                steps=steps,
-                lr=lr,
-                seed=seed,
-                device=device,
-                precision=precision,
-                threads=threads,
-                out=out,
-                save_every=save_every,
-                keep=keep,
-                preview_every=preview_every,
-            )
-            sched = {"ratio": drop_ratio, "until": drop_until, "dense_every": dense_every}
-            cfg = resolve(config, resume, out, flags, set_ or [], sched)
-            if cfg.objective.options.get("mva") and cfg.objective.name == "fm":
-                raise ConfigError(
-                    "objective.options.mva (--mva) needs an objective of the SFM family (sfm, pdg-sfm), not fm"
-                )
-            validate_plugins(cfg)
-            resolve_plugin_options(cfg)
+            cfg = resolve_run_config(config, flags, set_, resume=resume)
             if print_config:
                 typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
                 return

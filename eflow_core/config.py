@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from eflow.errors import ConfigError
+from eflow.parallel.config import ParallelSection
 from eflow.registry.registry import format_validation_error
+from eflow.text_file import read_utf8
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -240,10 +243,25 @@ class SampleSection(Section):
     sampler: str | None = Field(None, description="sampler; None = the objective's own (euler for fm)")
     sampler_options: dict[str, Any] = Field(default_factory=dict, description="options of the sampler")
     steps: int = Field(4, ge=1, description="sampling steps")
-    guidance: float = Field(4.0, ge=0, description="guidance scale w")
+    guidance: float = Field(4.0, ge=0, allow_inf_nan=False, description="guidance scale w")
     num: int = Field(8, ge=1, description="videos per call")
+    batch_size: int = Field(16, ge=1, description="videos generated at once (memory; not the result)")
     seed: int = Field(0, description="sampling seed")
     fps: int = Field(8, ge=1, description="frames per second of written videos")
+
+
+def sampling_settings(section: SampleSection, **flags: Any) -> SampleSection:
+    """`section` with the given command-line flags applied (None = keep), validated by the same model as
+    the config; an error names the flag (--guidance nan), not the field."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    try:
+        return SampleSection.model_validate({**section.model_dump(), **given})
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            name = str(e["loc"][0]) if e["loc"] else "?"
+            problems.append(f"--{name.replace('_', '-')} {given.get(name)!r}: {e['msg']}")
+        raise ConfigError("; ".join(problems)) from None
 
 
 class RunConfig(Section):
@@ -255,6 +273,7 @@ class RunConfig(Section):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
@@ -290,13 +309,28 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_assignments(
+    pairs: Iterable[str] | None, flag: str = "--set", example: str = "train.ema_decay=0.99"
+) -> dict[str, Any]:
+    """KEY=VALUE pairs from the command line -> a nested dict, in order (a later pair wins): a dotted key
+    makes tables ("a.b=1" -> {"a": {"b": 1}}), a value is read by parse_value (TOML-ish). A pair without
+    "=" is an error naming `flag`, e.g. "--set 'x': expected KEY=VALUE, e.g. --set train.ema_decay=0.99"."""
+    tree: dict[str, Any] = {}
+    for pair in pairs or ():
+        if "=" not in pair:
+            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} {example}")
+        key, value = pair.split("=", 1)
+        set_dotted(tree, key.strip(), parse_value(value.strip()))
+    return tree
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a run.toml, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(read_utf8(path))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
 

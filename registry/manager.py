@@ -73,6 +73,7 @@ class PluginInfo:
     status: str = "loaded"  # "loaded" or "failed"
     error: str = ""
     hooks: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # registrations refused (a name already taken)
 
 
 class PluginHost:
@@ -173,18 +174,31 @@ class PluginHost:
                     if info is not None and info.status == "failed":
                         continue
                     register = partial(
-                        built[kind].register, owner=owner, version=info.version if info else ""
+                        self._register_once, built[kind], owner=owner, version=info.version if info else ""
                     )
                     if self._trace:
                         print(f"eflow hook: {hook_name} of plugin '{owner}'", file=sys.stderr)
                     try:
                         impl.function(register=register)
-                    except DuplicateNameError:
-                        raise
                     except Exception as err:  # a plugin whose hook breaks is reported, the rest keep working
                         self._mark_failed(owner, f"{hook_name} raised {type(err).__name__}: {err}")
             self._registries = built
         return self._registries
+
+    def _register_once(self, registry: Registry, name: str, factory: Any, **kwargs: Any) -> Any:
+        """registry.register, except that a name already taken keeps its first owner: the duplicate alone
+        is skipped with a warning naming both plugins; the plugin's other names still register."""
+        try:
+            return registry.register(name, factory, **kwargs)
+        except DuplicateNameError as err:
+            message = f"{err}; keeping the first, skipping the second"
+            warnings.warn(f"eflow: {message}", stacklevel=3)
+            info = self.infos.get(kwargs.get("owner", ""))
+            if info is not None:
+                info.skipped.append(
+                    f"{registry.kind} '{name}' (already registered by '{registry.get(name).owner}')"
+                )
+            return None
 
     def _mark_failed(self, name: str, message: str) -> None:
         warnings.warn(f"eflow plugin '{name}' failed: {message}", stacklevel=3)

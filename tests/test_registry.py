@@ -105,16 +105,29 @@ def test_plugin_registered_in_process():
     assert "test-attn" not in get_registry("attention")
 
 
-def test_in_process_duplicate_fails_naming_both():
+def test_a_duplicate_name_skips_only_the_duplicate_and_names_both_plugins():
     class Clash:
         @hookimpl
         def register_attention(self, register):
             register("softmax", object)
+            register("clash-own", object)
 
     host().register(Clash(), name="clash")
     try:
-        with pytest.raises(DuplicateNameError, match="first by plugin 'softmax', again by plugin 'clash'"):
-            get_registry("attention")
+        with pytest.warns(UserWarning, match="first by plugin 'softmax', again by plugin 'clash'"):
+            registry = get_registry("attention")
+        assert registry.get("softmax").owner == "softmax"  # the first keeps the name
+        assert registry.get("clash-own").owner == "clash"  # the plugin's other names still register
+        info = next(i for i in plugin_infos() if i.name == "clash")
+        assert info.status == "loaded" and info.skipped == [
+            "attention 'softmax' (already registered by 'softmax')"
+        ]
+        from eflow.cli.app import app
+
+        result = CliRunner().invoke(app, ["plugins", "--json"])  # the CLI keeps working and shows the skip
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.stdout[result.stdout.index("[") :])
+        assert any(r["plugin"] == "clash" and r["status"] == "skipped" for r in rows)
     finally:
         host().unregister("clash")
 
@@ -235,3 +248,31 @@ def test_version_flag():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and __version__ in result.stdout
+
+
+def test_pyproject_entry_points_match_the_built_in_plugin_list():
+    """The built-ins are listed twice (pyproject.toml for installs, DEFAULT_PLUGINS for a checkout without
+    entry points); the two lists must agree name for name and module for module."""
+    from pathlib import Path
+
+    from eflow.config import tomllib  # tomli before Python 3.11
+    from eflow.registry.manager import DEFAULT_PLUGINS
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["entry-points"]["eflow"] == dict(DEFAULT_PLUGINS)
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """A wheel holds only the packages pyproject.toml lists; an editable install hides a missing one."""
+    from pathlib import Path
+
+    from eflow.config import tomllib
+
+    root = Path(__file__).parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, folder in setuptools["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(root / folder).parts
+            found.add(".".join([name, *parts]))
+    assert found <= set(setuptools["packages"]), sorted(found - set(setuptools["packages"]))

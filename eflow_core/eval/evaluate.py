@@ -24,6 +24,7 @@ from rich.progress import Progress
 
 from eflow.assembly import resolve_device
 from eflow.condition import Condition
+from eflow.config import SampleSection, sampling_settings
 from eflow.errors import ConfigError, EflowError
 from eflow.eval.accuracy import ClassTally
 from eflow.eval.classifier import resolve_dataset_options
@@ -32,6 +33,7 @@ from eflow.eval.extractor import create_extractor, describe, extract, metric_lab
 from eflow.eval.frechet import COVARIANCE_CHOICES, COVARIANCE_LABELS, FeatureStats, frechet_between
 from eflow.eval.real_stats import real_statistics, stats_record
 from eflow.loaded_run import LoadedRun, load_run
+from eflow.memory_budget import check_fits, sampling_need
 from eflow.registry import get_registry
 
 METRICS = ("fvd", "accuracy")
@@ -69,6 +71,7 @@ class EvalSettings:
             raise ConfigError(f"--num must be at least 2 (a covariance needs two clips), got {self.num}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        sampling_settings(SampleSection(), steps=self.steps, guidance=self.guidance)  # bounds, named by flag
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
         get_registry("feature_extractor").get(self.extractor)  # unknown name: lists the choices
@@ -84,12 +87,19 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, progress: Progress | N
     clip = (cfg.data.frames, cfg.data.height, cfg.data.width)
     if settings.sampler is not None:
         get_registry("sampler").get(settings.sampler)
-        cfg.sample.sampler = settings.sampler
+    cfg.sample = sampling_settings(
+        cfg.sample, sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance
+    )
     from eflow.sampling import sampler_name
 
     sampler = sampler_name(cfg)
-    steps = cfg.sample.steps if settings.steps is None else settings.steps
-    guidance = cfg.sample.guidance if settings.guidance is None else settings.guidance
+    steps, guidance = cfg.sample.steps, cfg.sample.guidance
+    batch = min(settings.batch_size, settings.num)
+    check_fits(
+        sampling_need(run.parts.model, clip, run.parts.latent_shape, batch, run.precision == "bf16"),
+        device,
+        "lower --batch-size",
+    )
 
     want_fvd, want_acc = "fvd" in settings.metrics, "accuracy" in settings.metrics
     real_name = settings.real or cfg.data.name

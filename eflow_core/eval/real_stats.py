@@ -13,6 +13,7 @@ is computed, from the same accumulators.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def load_stats(path: Path) -> FeatureStats | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             return FeatureStats.from_state({k: data[k] for k in ("n", "shift", "total", "outer")})
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # e.g. truncated by a crash
         return None
 
 

@@ -103,7 +103,9 @@ class VideoDiT(nn.Module):
             fields = entry.options.model_fields if entry.options is not None else {}
             if "window_frames" in fields and "window_frames" not in options:
                 options["window_frames"] = self.spec.window_frames
-        return entry.create(self.spec.dim, self.spec.heads, options=options)
+        module = entry.create(self.spec.dim, self.spec.heads, options=options)
+        module.registered_as = f"attention '{name}' (plugin '{entry.owner}')"  # named in shape errors
+        return module
 
     def initialize_weights(self) -> None:
         """DiT init: xavier linears, zero AdaLN modulation and output; backends may refine via init_weights()."""

@@ -7,6 +7,7 @@ from abc import ABCMeta, abstractmethod
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eflow.errors import EflowError
 from eflow.model.feed_forward import FeedForward
 from eflow.model.rope import apply_rope
 from eflow.model.tokens import TokenContext
@@ -43,9 +44,17 @@ class SelfAttention(nn.Module, metaclass=ABCMeta):
         self.norm_k = RMSNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
+    registered_as: str = ""  # "attention 'NAME' (plugin 'OWNER')", set by the model that builds it
+
     def forward(self, x: Tensor, ctx: TokenContext) -> Tensor:
         q, k, v = self.project(x, ctx)  # [B, M, H, d] each
         o = self.attend(q, k, v, ctx, x)  # [B, M, H, d]
+        if o.shape != q.shape:
+            who = self.registered_as or f"attention backend {type(self).__qualname__}"
+            raise EflowError(
+                f"{who}: attend() returned shape {tuple(o.shape)}, expected {tuple(q.shape)} "
+                "([batch, tokens, heads, head_dim], like q)"
+            )
         return self.proj(o.flatten(2))  # [B, M, D]
 
     def project(self, x: Tensor, ctx: TokenContext) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,7 +74,7 @@ class SelfAttention(nn.Module, metaclass=ABCMeta):
         """Forward FLOPs of `attend` for `batch` samples on ctx's M tokens (2 per multiply-add, matmuls only).
 
         None when the count is not defined for this backend (then benchmarks report no TF/s). Forward plus
-        backward counts as 3.5x this (the convention of notes/gpu-anchors.md).
+        backward counts as 3.5x this (the convention of docs/benchmarks.md).
         """
         return None
 

@@ -255,6 +255,24 @@ def load_checkpoint(run_dir: Path, *, model: nn.Module, ema: nn.Module, warn=Non
     return state
 
 
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, run_dir: Path) -> None:
+    """optimizer.load_state_dict(saved), failing with one line if the saved state does not fit the model
+    (other parameter groups, counts or moment shapes: the config changed, or the file is not this run's)."""
+    where = f"{run_dir}: the trainer state's optimizer"
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise EflowError(f"{where} does not fit this model ({err}); was the config edited?") from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise EflowError(
+                        f"{where} holds {name} of shape {tuple(value.shape)} for a parameter of shape "
+                        f"{tuple(param.shape)}; was the config edited?"
+                    )
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether RUN holds a checkpoint to resume (committed, or the flat layout)."""
     return latest_checkpoint(run_dir) is not None

@@ -72,6 +72,16 @@ def all_mean(value: float, world: World, device: torch.device) -> float:
     return t.item() / world.size
 
 
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (every rank must call). A decision that leads to collectives,
+    such as stopping after this step and saving, must be the same on every rank."""
+    if world.size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

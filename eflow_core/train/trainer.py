@@ -33,8 +33,10 @@ from eflow.data.resize_crop import to_signed
 from eflow.data.skips import SkipLog, take_skips
 from eflow.data.video_io import write_grid_png
 from eflow.errors import EflowError
+from eflow.memory_budget import check_fits, is_out_of_memory, out_of_memory_message, training_need
 from eflow.network import DropPlan, Network
 from eflow.objective import StepInfo
+from eflow.parallel.parallelize import parallelize
 from eflow.registry import get_registry
 from eflow.run_dir import CONFIG, METRICS
 from eflow.sampling import generate, sample_labels, sampler_name
@@ -42,6 +44,7 @@ from eflow.train import checkpoint
 from eflow.train.distributed import (
     World,
     all_mean,
+    any_rank,
     average_gradients,
     barrier,
     broadcast_parameters,
@@ -54,6 +57,8 @@ from eflow.train.metrics import MetricsLog
 from eflow.train.run_lock import RunLock
 from eflow.train.stop_signals import StopSignals
 
+MEMORY_HINT = "--batch-size, --frames or --size"
+
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of one rank's step: every random draw in a step derives from it (exact resume)."""
@@ -64,7 +69,7 @@ def check_writable(run_dir: Path) -> None:
     """Fail early, and clearly, if the run directory cannot be created or written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
+        probe = run_dir / f".write_probe.{os.getpid()}"  # one per process: torchrun ranks probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -148,13 +153,20 @@ class Trainer:
         self.precision = "bf16" if bf16 else "fp32"
         torch.manual_seed(cfg.train.seed)
         self.parts: Parts = build_parts(cfg)
+        self._check_memory()
         if self.parts.num_classes is not None:
             cfg.data.num_classes = self.parts.num_classes  # resolved: sampling needs no dataset
         self._fit_autoencoder()  # a no-op when config.json already carries the statistics (resume)
         self.model = self.parts.model.to(self.device)
         self.parts.move_to(self.device)
         broadcast_parameters(self.model, self.world)
-        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.ema = EMA(self.model, cfg.train.ema_decay)  # a plain copy, taken before any wrapping
+        state = None
+        if self.resume:  # into the plain modules: a sharded model takes its shards from them
+            state = checkpoint.load_checkpoint(
+                self.run_dir, model=self.model, ema=self.ema.model, warn=self._warn
+            )
+        self._parallelize()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=cfg.train.lr,
@@ -183,11 +195,10 @@ class Trainer:
         self.workers = cfg.train.workers if cfg.train.workers is not None else auto_workers(datasets)
         self.skips = SkipLog(warn=self._warn if self.world.is_main else None)
         self.start_step = 0
-        if self.resume:
-            state = checkpoint.load_checkpoint(
-                self.run_dir, model=self.model, ema=self.ema.model, warn=self._warn
-            )
-            self.optimizer.load_state_dict(state["optimizer"])
+        if state is not None:
+            checkpoint.restore_optimizer(self.optimizer, state["optimizer"], self.run_dir)
+            if self.sharded is not None:
+                self.sharded.shard_optimizer_state(self.optimizer)
             self.ema.updates = int(state["ema_updates"])
             self.start_step = int(state["step"])
             self.skips.load_state(state.get("skipped_files", {}))
@@ -198,6 +209,57 @@ class Trainer:
                 )
         for dataset in datasets:  # files the start-up scan left out
             self.skips.add(take_skips(dataset))
+
+    def _parallelize(self) -> None:
+        """cfg.parallel on the online model (activation checkpointing, per-block compile, FSDP2 under
+        torchrun) and, for speed, compile on the EMA copy, which stays whole and unsharded."""
+        p = self.cfg.parallel
+        if (
+            p.fsdp
+            and self.world.size > 1
+            and p.fsdp_reshard_after_forward
+            and self.cfg.objective.name != "fm"
+        ):
+            raise EflowError(
+                f"parallel.fsdp_reshard_after_forward = true gathers weights per model call, so every rank "
+                f"must make the same calls; objective '{self.cfg.objective.name}' skips a pass whose group "
+                "is empty on a rank. Set it to false (weights gathered once per step)"
+            )
+        bf16 = self.precision == "bf16"
+        self.model = parallelize(self.model, p, self.world, self.device, bf16=bf16)
+        self.ema.model = parallelize(
+            self.ema.model, p.model_copy(update={"ac": "off", "fsdp": False}), self.world, self.device
+        )
+        self.sharded = None
+        if p.fsdp and self.world.size > 1:
+            from eflow.parallel.fsdp import ShardedStep
+
+            self.sharded = ShardedStep(self.model, reshard_after_forward=p.fsdp_reshard_after_forward)
+
+    def _check_memory(self) -> None:
+        """Refuse clip sizes and batches that cannot fit the device (a lower bound, before allocating)."""
+        cfg, parts = self.cfg, self.parts
+        d = cfg.data
+        shapes = {d.stage_shape(i) for i in range(max(len(d.stages), 1))}
+        keep = 1.0 - min(stage.drop_ratio for stage in cfg.token_drop.stages)
+        local_batch = -(-cfg.train.batch_size // self.world.size)
+        needs = [
+            training_need(
+                parts.model,
+                shape,
+                parts.autoencoder.latent_shape((3, *shape)),
+                local_batch,
+                self.precision == "bf16",
+                middle_keep=keep,
+                checkpoint_every=cfg.parallel.checkpoint_every,
+            )
+            for shape in sorted(shapes)
+        ]
+        check_fits(
+            max(needs, key=lambda need: need.total),
+            self.device,
+            f"lower {MEMORY_HINT} (or use a latent autoencoder)",
+        )
 
     def _fit_autoencoder(self, num: int = 128) -> None:
         """Let an autoencoder that asks for it (`needs_statistics`: the pixel autoencoder's per-channel
@@ -265,6 +327,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
         self.model.train()
+        if self.sharded is not None:
+            self.sharded.begin_step()
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"
@@ -276,11 +340,15 @@ class Trainer:
             raise EflowError(f"loss is {out.loss.item()} at step {step}; lower --lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        average_gradients(self.model, self.world)
         clip = cfg.train.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), clip if clip > 0 else float("inf")
-        )
+        if self.sharded is None:
+            average_gradients(self.model, self.world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), clip if clip > 0 else float("inf")
+            )
+        else:  # FSDP reduce-scatters the gradients (averaged over ranks) into each rank's shard
+            self.sharded.reduce_gradients()
+            grad_norm = self.sharded.clip_grad_norm_(clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.ema.update(self.model)
         batch = x0.shape[0]
@@ -292,7 +360,8 @@ class Trainer:
             "stage": stage_index,
             "mva_share": self.objective.effective_mva_share(stage.mva_share),
         }
-        record.update({k: float(v) for k, v in out.metrics.items()})
+        # the objective's own "loss" is this rank's; the record keeps the mean over ranks
+        record.update({k: float(v) for k, v in out.metrics.items() if k != "loss"})
         record.update({f"passes/{k}": v / batch for k, v in net.counts.items()})
         if self.device.type == "cuda":
             record["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -302,12 +371,19 @@ class Trainer:
 
     # ----- outputs -------------------------------------------------------------------------------
     def save(self, step: int) -> None:
-        """Commit the checkpoint of `step` (the number of optimizer steps applied)."""
+        """Commit the checkpoint of `step` (the number of optimizer steps applied). A sharded model's
+        weights and optimizer state are gathered first, by every rank, into the unsharded layout."""
+        model, optimizer_state = self.model, None
+        if self.sharded is not None:
+            from eflow.parallel.fsdp import Gathered
+
+            model = Gathered(self.sharded.model_state())
+            optimizer_state = self.sharded.optimizer_state(self.optimizer, keep=self.world.is_main)
         if not self.world.is_main:
             return
         state = {
             "step": step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "ema_updates": self.ema.updates,
             "skipped_files": self.skips.state(),
         }
@@ -315,7 +391,7 @@ class Trainer:
             checkpoint.save_checkpoint(
                 self.run_dir,
                 config_json=self.cfg.to_json(),
-                model=self.model,
+                model=model,
                 ema=self.ema.model,
                 state=state,
                 keep=self.cfg.train.keep_checkpoints,
@@ -393,6 +469,11 @@ class Trainer:
         finally:
             lock.release()
 
+    def _kept(self) -> str:
+        """What a failed run leaves to resume from."""
+        saved = checkpoint.latest_checkpoint(self.run_dir)
+        return "nothing was saved" if saved is None else f"{saved.name} is intact; continue with --resume"
+
     def _run(self, stop: StopSignals) -> TrainResult:
         self._check_run_dir()
         self._setup()  # config, plugins and parts are all built before anything in the directory changes
@@ -430,22 +511,26 @@ class Trainer:
                     if log is not None and (step % cfg.train.log_every == 0 or done == total):
                         log.write(record)
                     progress.update(task, completed=done, info=progress_info(record))
-                    if stop.received and done < total:
+                    if any_rank(stop.received is not None, self.world, self.device) and done < total:
                         self.save(done)
                         raise EflowError(
-                            f"stopped by {stop.received} after step {done}; the run is saved in "
-                            f"{self.run_dir}; continue with --resume"
+                            f"stopped by {stop.received or 'a signal to another rank'} after step {done}; "
+                            f"the run is saved in {self.run_dir}; continue with --resume"
                         )
                     if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
                         self.save(done)
                     if cfg.train.preview_every and done % cfg.train.preview_every == 0 and done < total:
                         self.preview(done)
         except KeyboardInterrupt:  # a second signal, or an interrupt raised inside a step: save nothing
-            saved = checkpoint.latest_checkpoint(self.run_dir)
-            after = (
-                "nothing was saved" if saved is None else f"{saved.name} is intact; continue with --resume"
-            )
-            raise EflowError(f"aborted during step {done + 1}; {after}") from None
+            raise EflowError(f"aborted during step {done + 1}; {self._kept()}") from None
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise EflowError(
+                out_of_memory_message(
+                    err, f"in step {done + 1} on {self.device}", f"lower {MEMORY_HINT}; {self._kept()}"
+                )
+            ) from None
         finally:
             if log is not None:
                 log.close()

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from eflow.data.clip_dataset import ClipDataset, MediaEntry
 from eflow.errors import EflowError
-from eflow.registry import hookimpl
-from eflow.registry.registry import format_validation_error
+from eflow.registry import format_validation_error, hookimpl
+from eflow.text_file import read_utf8
 
 
 class CaptionsOptions(BaseModel):
@@ -67,7 +67,7 @@ class ManifestRow(BaseModel):
 def _raw_rows(manifest: Path) -> list[tuple[int, dict]]:
     """(line number, raw fields) of every row."""
     suffix = manifest.suffix.lower()
-    text = manifest.read_text(encoding="utf-8")
+    text = read_utf8(manifest)
     if suffix in (".jsonl", ".ndjson"):
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):

@@ -1,0 +1,170 @@
+"""FSDP2 for the trainer: the model sharded per block and then at the root, and a step around it.
+
+Weights, gradients and AdamW's moments live as shards (DTensors, dim 0 split over the ranks); weights
+are gathered for compute (bf16 under bf16 training: MixedPrecisionPolicy) and gradients are
+reduce-scattered in fp32. Two ways to run a step (parallel.fsdp_reshard_after_forward):
+
+- false (the default), gather once per step: `begin_step` all-gathers every block's weights, in the
+  same order on every rank, and they stay gathered for all of the step's model calls; backward only
+  accumulates gradients locally; `reduce_gradients` then reduce-scatters each block's gradient once,
+  again in one fixed order, and frees the gathered weights. No collective depends on the model calls,
+  so ranks may make different ones: sfm and pdg-sfm skip a pass whose group is empty on a rank (the
+  path-dropped samples, say), and a per-call collective would then pair with another rank's unrelated
+  one and hang or mix data. Memory: the gathered weights and full local gradients during a step (ZeRO-2).
+- true, torchtitan's: a block gathers its weights before each forward and frees them after, gathers
+  them again in backward and reduce-scatters its gradient as backward leaves it. Least memory (ZeRO-3),
+  but collectives per model call: every rank must make the same calls in the same order (fm does).
+
+The EMA stays a full copy on every rank (eflow.train.ema gathers the weights to update it), so the
+objectives' EMA passes and the previews need no collective. Checkpoints keep the single-file layout:
+the model's and the optimizer's full state are gathered (rank 0 keeps them) and a resume shards them
+again, so a run moves between FSDP and data parallelism, or another world size, by its checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from eflow.errors import EflowError
+from eflow.parallel.parallelize import model_blocks
+from eflow.train.distributed import World
+
+
+def shard_model(
+    model: nn.Module, world: World, device: torch.device, *, bf16: bool, reshard_after_forward: bool
+) -> None:
+    """fully_shard every block, then the root (embeddings, fusion, head), over all ranks, in place."""
+    mesh = init_device_mesh(device.type, (world.size,))
+    # cast_forward_inputs=False: FSDP would cast the model's float inputs to bf16, times included, and a
+    # bf16 t - s cannot hold the small gaps of the SCM and MVA terms; autocast casts what matmuls read.
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+    for block in model_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    if not reshard_after_forward:  # gather once per step (module docstring)
+        if not hasattr(model, "set_reduce_scatter_unused_params"):
+            raise EflowError(
+                f"torch {torch.__version__}: FSDP2 cannot reduce-scatter the gradients of a block a rank "
+                "left unused (set_reduce_scatter_unused_params), which gathering once per step needs; "
+                "update torch, or set parallel.fsdp = false"
+            )
+        model.set_reshard_after_forward(False)
+        model.set_reshard_after_backward(False)
+        model.set_requires_gradient_sync(False)
+        model.set_reduce_scatter_unused_params(True)  # a block unused on this rank still takes part
+        model._get_fsdp_state()._lazy_init()  # private: the root's shared streams, before `begin_step`
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@dataclass
+class Gathered:
+    """A gathered state dict standing in for its module where a checkpoint asks for `state_dict()`."""
+
+    weights: dict[str, Tensor]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.weights
+
+
+class ShardedStep:
+    """What the trainer calls around a step of a model that `shard_model` sharded."""
+
+    def __init__(self, model: nn.Module, *, reshard_after_forward: bool):
+        if not is_sharded(model):
+            raise TypeError("ShardedStep needs a model sharded by shard_model")
+        self.model = model
+        self.once_per_step = not reshard_after_forward
+        self.modules = [model, *model_blocks(model)]  # one fixed order on every rank
+
+    def begin_step(self) -> None:
+        """Gather every block's weights for the step (gather once per step; else a no-op)."""
+        if self.once_per_step:
+            handles = [module.unshard(async_op=True) for module in self.modules]
+            for handle in handles:
+                handle.wait()
+
+    def reduce_gradients(self) -> None:
+        """After backward: reduce-scatter every block's gradient (averaged over ranks, fp32) into its
+        shard and free the gathered weights (gather once per step; per-block backward did it already).
+
+        FSDP2 reduces in its post-backward hook, which runs once per forward call. Its end-of-backward
+        callback runs that hook for every block in one fixed order, and with gradient sync on it
+        reduce-scatters what the step accumulated; that callback is private, hence the check."""
+        if not self.once_per_step:
+            return
+        state = self.model._get_fsdp_state()
+        finish = getattr(state, "_root_post_backward_final_callback", None)
+        if finish is None:
+            raise EflowError(
+                f"torch {torch.__version__}: FSDP2 lacks the end-of-backward callback eflow uses to reduce "
+                "gradients once per step; set parallel.fsdp_reshard_after_forward = true (objective fm) "
+                "or parallel.fsdp = false"
+            )
+        self.model.set_requires_gradient_sync(True)
+        try:
+            finish()
+        finally:
+            self.model.set_requires_gradient_sync(False)
+        for module in self.modules:
+            module.reshard()
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip the sharded gradients to a total norm of `max_norm`; returns the norm before clipping."""
+        params = list(self.model.parameters())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # sums the ranks' squared norms
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm
+
+    def model_state(self) -> dict[str, Tensor]:
+        """The full state dict on CPU on rank 0 (every rank must call; the others get {})."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    @staticmethod
+    def optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict | None:
+        """optimizer.state_dict() with every sharded moment gathered in full on CPU: the layout of an
+        unsharded run (every rank must call, in the same order; the dict is built where `keep`)."""
+        saved = optimizer.state_dict()
+        state = {}
+        for index in sorted(saved["state"]):
+            entry = {}
+            for name, value in saved["state"][index].items():
+                if isinstance(value, DTensor):
+                    value = value.full_tensor()
+                    value = value.cpu() if keep else None
+                entry[name] = value
+            state[index] = entry
+        return {"state": state, "param_groups": saved["param_groups"]} if keep else None
+
+    @staticmethod
+    def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+        """After optimizer.load_state_dict of a full (unsharded) state: keep each rank's shard of every
+        moment, placed like its parameter (no communication: every rank loaded the same file)."""
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if not isinstance(param, DTensor):
+                    continue
+                entry = optimizer.state.get(param, {})
+                for name, value in entry.items():
+                    if (
+                        isinstance(value, Tensor)
+                        and not isinstance(value, DTensor)
+                        and value.shape == param.shape
+                    ):
+                        entry[name] = distribute_tensor(
+                            value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+                        )

@@ -1,0 +1,84 @@
+"""parallelize(model, cfg.parallel, world, device): what the trainer applies to the model from outside
+it, in torchtitan's order: activation checkpointing, then torch.compile per block, then FSDP2 (per
+block, then the root).
+
+The model file stays a model. A block is wrapped where it sits: its `forward` is replaced on the
+instance (the module's hooks, FSDP's included, still run around it), so parameter names, state dicts
+and checkpoints are the same under every option, and a run may resume with other options. Apply it to
+a model once, after any copy of it is taken (a copy would share the wrapped forwards): the trainer
+copies the EMA first.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from eflow.model.flex import raise_recompile_limit
+from eflow.parallel.config import ParallelSection
+from eflow.train.distributed import World
+
+# Dynamo's recompile limit per code object. Every block shares DiTBlock.forward (so identical blocks
+# share compiled code) and its variants add up: softmax and GLGA blocks, grad and no-grad passes, dense
+# and token-dropped contexts, train and eval (EMA) mode, batch 1. Past the default 8 Dynamo silently
+# runs the block eagerly.
+
+
+def model_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in global order: encoder, middle, decoder."""
+    return [*model.encoder, *model.middle, *model.decoder]
+
+
+def checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward` under non-reentrant activation checkpointing: autograd keeps the block's inputs and
+    recomputes everything else in backward. Arguments may be any objects (the TokenContext, None text).
+    Without grad (EMA targets, no-grad passes) it is `forward` itself."""
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module, cfg: ParallelSection) -> None:
+    """Checkpoint the blocks cfg.checkpointed(i) selects (all of them for ac = full)."""
+    for i, block in enumerate(model_blocks(model)):
+        if cfg.checkpointed(i):
+            block.forward = checkpointed(block.forward)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile every block's forward (around its checkpointing, as torchtitan does).
+
+    Shapes: Dynamo's automatic dynamic marking (dynamic=None), as eflow.model.flex does for flex
+    attention. A block compiles for the sizes of its first call; a size that later differs (the batch
+    of an objective's group, the kept tokens, a caption length) is recompiled once as a symbolic size
+    and then covers every value; 0 and 1 stay specialized. dynamic=True would also make every static
+    size symbolic (the grid, the head width) and lose kernels specialized to them.
+    """
+    raise_recompile_limit()
+    for block in model_blocks(model):
+        block.forward = torch.compile(block.forward, dynamic=None)
+
+
+def parallelize(
+    model: nn.Module, cfg: ParallelSection, world: World, device: torch.device, *, bf16: bool = False
+) -> nn.Module:
+    """`model` with cfg's activation checkpointing, per-block compile and (world size > 1) FSDP2 applied,
+    in place; bf16: gather the weights as bf16 for compute (FSDP's MixedPrecisionPolicy)."""
+    apply_activation_checkpointing(model, cfg)
+    if cfg.compile:
+        apply_compile(model)
+    if cfg.fsdp and world.size > 1:
+        from eflow.parallel.fsdp import shard_model
+
+        shard_model(model, world, device, bf16=bf16, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    return model

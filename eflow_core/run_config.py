@@ -1,0 +1,173 @@
+"""A run's RunConfig from its sources, as `eflow train` resolves it (docs/cli.md, "How the config is built").
+
+Each source is a layer; a later layer wins, key by key (option tables merge per key, lists are replaced):
+
+1. the built-in defaults of RunConfig;
+2. with `resume`: the run's saved config.json (the run in the `out` flag, else run.toml's train.out,
+   else the default train.out);
+3. run.toml;
+4. the flags, by their `eflow train` names (TRAIN_FLAGS; `size` is "N" or "HxW");
+5. the schedule flags drop_ratio, drop_until and dense_every, which rewrite token_drop.stages starting
+   from the config resolved so far (schedule_layer);
+6. --set KEY=VALUE pairs, in order (eflow.config.parse_assignments).
+
+The result is validated as a whole, then every plugin name and options table is checked against the
+registries and written out in full (check_run_config).
+
+    from eflow.run_config import resolve_run_config
+    cfg = resolve_run_config("run.toml", {"steps": 100, "size": "32x48"}, ["train.ema_decay=0.99"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from eflow.config import RunConfig, build_config, load_run_config, load_toml, parse_assignments, set_dotted
+from eflow.errors import ConfigError
+
+# `eflow train` flag -> the RunConfig field it sets (besides `size` and the schedule flags).
+TRAIN_FLAGS = {
+    "preset": "model.preset",
+    "attn": "model.attention",
+    "objective": "objective.name",
+    "token_drop": "token_drop.name",
+    "data": "data.name",
+    "data_root": "data.options.root",
+    "reader": "data.options.reader",
+    "image_ratio": "data.image_ratio",
+    "autoencoder": "data.autoencoder",
+    "vae_path": "data.autoencoder_options.path",
+    "text_encoder": "data.text_encoder",
+    "workers": "train.workers",
+    "frames": "data.frames",
+    "condition": "data.condition",
+    "batch_size": "train.batch_size",
+    "steps": "train.steps",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "device": "train.device",
+    "out": "train.out",
+    "save_every": "train.save_every",
+    "keep": "train.keep_checkpoints",
+    "preview_every": "train.preview_every",
+    "threads": "train.threads",
+    "precision": "train.precision",
+    "mva": "objective.options.mva",
+    "ac": "parallel.ac",
+    "compile_": "parallel.compile",
+    "fsdp": "parallel.fsdp",
+}
+SCHEDULE_FLAGS = ("drop_ratio", "drop_until", "dense_every")
+SIZE_FLAG = "size"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """ "32" -> (32, 32); "32x48" -> (height 32, width 48)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--size {text!r}: give pixels as N or HxW, e.g. 32 or 32x48") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise ConfigError(f"--size {text!r}: give pixels as N or HxW, e.g. 32 or 32x48")
+    return values[0], values[1]
+
+
+def config_layer(flags: Mapping[str, Any], paths: Mapping[str, str]) -> dict[str, Any]:
+    """The RunConfig layer of explicitly given flags (None = not given): flag -> dotted field by `paths`,
+    and `size` ("N" or "HxW") -> data.height, data.width."""
+    layer: dict[str, Any] = {}
+    for flag, dotted in paths.items():
+        if flags.get(flag) is not None:
+            set_dotted(layer, dotted, flags[flag])
+    if flags.get(SIZE_FLAG) is not None:
+        h, w = parse_size(flags[SIZE_FLAG])
+        set_dotted(layer, "data.height", h)
+        set_dotted(layer, "data.width", w)
+    return layer
+
+
+def schedule_layer(
+    base: RunConfig,
+    ratio: float | None = None,
+    until: float | None = None,
+    dense_every: int | None = None,
+) -> dict:
+    """Stages from the simple flags: drop `ratio` for the first `until` of the steps, then dense.
+    A flag not given (None) keeps what `base` has; none given: no layer."""
+    if ratio is None and until is None and dense_every is None:
+        return {}
+    stages = base.token_drop.stages
+    ratio = stages[0].drop_ratio if ratio is None else ratio
+    until = (stages[0].end if len(stages) > 1 else 1.0) if until is None else until
+    dense_every = stages[0].dense_every if dense_every is None else dense_every
+    mva_last = stages[-1].mva_share
+    if not 0 < until <= 1:
+        raise ConfigError(f"--drop-until {until}: give a fraction of the steps in (0, 1]")
+    if until >= 1.0:  # one stage: drop (or not) for the whole run; MVA, if on, for the whole run too
+        first = {
+            "start": 0.0,
+            "end": 1.0,
+            "drop_ratio": ratio,
+            "dense_every": dense_every,
+            "mva_share": mva_last,
+        }
+        return {"token_drop": {"stages": [first]}}
+    first = {"start": 0.0, "end": until, "drop_ratio": ratio, "dense_every": dense_every, "mva_share": 0.0}
+    last = {"start": until, "end": 1.0, "drop_ratio": 0.0, "dense_every": 0, "mva_share": mva_last}
+    return {"token_drop": {"stages": [first, last]}}
+
+
+def resume_dir(toml: Mapping[str, Any] | None, out: str | None) -> str:
+    """The run directory a resumed run continues: `out`, else run.toml's train.out, else the default.
+    (--set train.out does not move it: the saved config is read before --set applies.)"""
+    train = (toml or {}).get("train")
+    from_file = train.get("out") if isinstance(train, Mapping) else None
+    return out or from_file or RunConfig().train.out
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Check a resolved config before any work starts: the objective takes its options, every plugin
+    name and options table is valid; the objective's, token drop's and sampler's options are written out
+    in full (defaults included), so config.json records every choice."""
+    from eflow.assembly import resolve_plugin_options, validate_plugins
+
+    if cfg.objective.options.get("mva") and cfg.objective.name == "fm":
+        raise ConfigError(
+            "objective.options.mva (--mva) needs an objective of the SFM family (sfm, pdg-sfm), not fm"
+        )
+    validate_plugins(cfg)
+    resolve_plugin_options(cfg)
+
+
+def resolve_run_config(
+    config: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    sets: Iterable[str] | None = None,
+    *,
+    resume: bool = False,
+) -> RunConfig:
+    """defaults -> (saved config when resuming) -> run.toml -> flags -> schedule flags -> --set, validated
+    and checked (check_run_config). `flags` by their `eflow train` names (TRAIN_FLAGS, size, SCHEDULE_FLAGS;
+    None = not given); `sets`: "section.field=value" pairs."""
+    flags = dict(flags or {})
+    unknown = sorted(set(flags) - set(TRAIN_FLAGS) - {SIZE_FLAG, *SCHEDULE_FLAGS})
+    if unknown:
+        raise ConfigError(f"unknown train flag(s): {', '.join(unknown)}")
+    toml = load_toml(config) if config is not None else None
+    layers: list[dict] = []
+    if resume:
+        layers.append(load_run_config(resume_dir(toml, flags.get("out"))).model_dump(mode="json"))
+    if toml is not None:
+        layers.append(toml)
+    layers.append(config_layer(flags, TRAIN_FLAGS))
+    base = build_config(*layers)
+    layers.append(schedule_layer(base, *(flags.get(name) for name in SCHEDULE_FLAGS)))
+    layers.append(parse_assignments(sets))
+    cfg = build_config(*layers)
+    check_run_config(cfg)
+    return cfg

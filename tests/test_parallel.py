@@ -1,0 +1,337 @@
+"""parallelize(): activation checkpointing and per-block compile change no number; FSDP2 over 2 gloo
+processes trains like the all-reduce path; the [parallel] section and the memory bound that follows it.
+
+Run as a script under torchrun, this file is the 2-process worker of the FSDP test."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import losses, tiny_config
+
+from eflow.condition import Condition
+from eflow.config import RunConfig, build_config
+from eflow.errors import ConfigError, EflowError
+from eflow.memory_budget import kept_activations, training_need
+from eflow.model.dit import build_model
+from eflow.parallel.config import ParallelSection
+from eflow.parallel.parallelize import model_blocks, parallelize
+from eflow.run_dir import checkpoint_dirs
+from eflow.train.distributed import World
+from eflow.train.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+# ----- the [parallel] section ------------------------------------------------------------------------
+def test_a_config_without_a_parallel_section_loads_with_everything_off():
+    """config.json files written before the section existed still load (and resume)."""
+    old = json.loads(RunConfig().to_json())
+    del old["parallel"]
+    cfg = build_config(old)
+    assert cfg.parallel == ParallelSection()
+    assert (cfg.parallel.ac, cfg.parallel.compile, cfg.parallel.fsdp) == ("off", False, False)
+
+
+def test_parallel_options_come_from_layers_and_a_misspelt_one_is_named():
+    cfg = build_config({"parallel": {"ac": "selective", "ac_every": 3, "fsdp": True}})
+    assert (cfg.parallel.ac, cfg.parallel.ac_every, cfg.parallel.fsdp) == ("selective", 3, True)
+    with pytest.raises(ConfigError, match=r"parallel\.act"):
+        build_config({"parallel": {"act": "full"}})
+    with pytest.raises(ConfigError, match=r"parallel\.ac"):
+        build_config({"parallel": {"ac": "some"}})
+
+
+@pytest.mark.parametrize(
+    ("ac", "every", "blocks"),
+    [("off", 2, []), ("full", 2, [0, 1, 2, 3, 4, 5]), ("selective", 2, [0, 2, 4]), ("selective", 3, [0, 3])],
+)
+def test_ac_selects_the_blocks_it_checkpoints(ac, every, blocks):
+    p = ParallelSection(ac=ac, ac_every=every)
+    assert [i for i in range(6) if p.checkpointed(i)] == blocks
+
+
+# ----- activation checkpointing ----------------------------------------------------------------------
+def forward_backward(model):
+    """Outputs and gradients of a full pass with dropped tokens plus a weak pass, under one backward."""
+    torch.manual_seed(1)
+    x, t = torch.randn(3, 3, 2, 8, 8), torch.rand(3)  # tiny: a 2 x 2 x 2 token grid
+    cond = Condition(labels=torch.tensor([1, 2, 3]))
+    keep = torch.tensor([[0, 2, 5, 7], [1, 2, 3, 4], [0, 1, 6, 7]])
+    model.zero_grad(set_to_none=True)
+    full = model(x, t, 0.5 * t, cond, 3.0, keep=keep)
+    weak = model(x, t, t, cond, 0.0, path="weak")
+    (full.square().mean() + weak.abs().mean()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return torch.cat([full.flatten(), weak.flatten()]).detach(), grads
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("tiny")
+
+
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(tiny_model, ac):
+    expected_out, expected_grads = forward_backward(copy.deepcopy(tiny_model))
+    model = parallelize(copy.deepcopy(tiny_model), ParallelSection(ac=ac), World(), CPU)
+    out, grads = forward_backward(model)
+    torch.testing.assert_close(out, expected_out, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert list(model.state_dict()) == list(tiny_model.state_dict())  # checkpoints keep their names
+
+
+def test_a_checkpointed_block_saves_only_its_inputs_for_backward(tiny_model):
+    """Autograd keeps a checkpointed block's inputs and nothing of its insides (recomputed in backward);
+    a plain block keeps dozens of tensors."""
+    block = copy.deepcopy(model_blocks(tiny_model)[0])
+    from eflow.model.tokens import TokenContext
+
+    x = torch.randn(2, 8, 96, requires_grad=True)
+    mod = torch.randn(2, 6, 96)
+    ctx = TokenContext.dense((2, 2, 2), 2, tiny_model.rope((2, 2, 2), CPU))
+
+    def saved(module) -> list[torch.Tensor]:
+        kept = []
+
+        def pack(t):
+            kept.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x, mod, ctx)
+        return kept
+
+    assert len(saved(block)) > 20
+    parallelize(tiny_model_with(block), ParallelSection(ac="full"), World(), CPU)
+    kept = saved(block)
+    assert len(kept) == 2 and kept[0] is x and kept[1] is mod
+
+
+def tiny_model_with(block):
+    """A stand-in with the model's block lists around one block (what parallelize walks)."""
+    holder = torch.nn.Module()
+    holder.encoder, holder.middle, holder.decoder = torch.nn.ModuleList([block]), [], []
+    return holder
+
+
+def test_activation_checkpointing_keeps_a_training_run_exact(tmp_path):
+    """The EFlow recipe (pdg-sfm + MVA, dropping then dense): ac = full logs the losses of ac = off."""
+    Trainer(tiny_config(tmp_path / "off", steps=5), progress=False).run()
+    cfg = tiny_config(tmp_path / "full", steps=5)
+    cfg.parallel.ac = "full"
+    Trainer(cfg, progress=False).run()
+    assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "off"), rel=1e-6)
+
+
+# ----- torch.compile ---------------------------------------------------------------------------------
+def _cpp_compiler() -> str | None:
+    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    _cpp_compiler() is None, reason="Inductor needs a C++ compiler on the CPU (the GPU runs it)"
+)
+def test_compiled_blocks_match_eager(tiny_model):
+    """Per-block torch.compile (with checkpointing inside it): the outputs and gradients of eager, the
+    same parameter names, on the first call (compiling) and the second (cached).
+    About 10 s with Inductor's cache warm, a minute or more cold on 2 cores."""
+    expected_out, expected_grads = forward_backward(copy.deepcopy(tiny_model))
+    model = parallelize(copy.deepcopy(tiny_model), ParallelSection(ac="full", compile=True), World(), CPU)
+    for _ in range(2):
+        out, grads = forward_backward(model)
+        torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert list(model.state_dict()) == list(tiny_model.state_dict())
+
+
+# ----- the memory bound ------------------------------------------------------------------------------
+def test_checkpointing_lowers_the_activation_bound_as_the_model_says():
+    """Blocks of N, k, k, k, k, N tokens, D = 96, 5D + F = 864: plain blocks keep 864 values per token;
+    full AC keeps D per token and, while recomputing the last block, its 4D + F more."""
+    n, k, d, full = 32, 8, 96, 864
+    tokens = [n, k, k, k, k, n]
+    assert kept_activations(tokens, d, full, 0) == full * (2 * n + 4 * k)
+    assert kept_activations(tokens, d, full, 1) == d * (2 * n + 4 * k) + n * (full - d)
+    # selective (blocks 0, 2, 4): at the start of backward everything kept is held; later, while block 4
+    # is recomputed, the plain block 5 has freed its activations
+    kept = [n * d, k * full, k * d, k * full, k * d, n * full]
+    assert kept_activations(tokens, d, full, 2) == max(sum(kept), sum(kept[:5]) + k * (full - d))
+
+
+def test_the_training_need_follows_the_checkpointing(tiny_model):
+    def need(every: int) -> int:
+        return training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False, 0.25, every).parts[
+            "activations kept for backward"
+        ]
+
+    assert need(1) < need(2) < need(0)
+    grid = 8 * 8 * 8  # 8 x 32 x 32 pixels through the tiny preset's 1 x 4 x 4 patch; middle keeps 1/4
+    assert need(0) == 4 * 4 * kept_activations([grid, 128, 128, 128, 128, grid], 96, 864)
+
+
+# ----- FSDP2 over 2 gloo processes -------------------------------------------------------------------
+RUNS = {  # run name -> (objective, [parallel] table)
+    "dp": ("pdg-sfm", {}),
+    "fsdp": ("pdg-sfm", {"fsdp": True, "ac": "full"}),
+    "fsdp_resumed": ("pdg-sfm", {"fsdp": True, "ac": "full"}),
+    "fm_dp": ("fm", {}),
+    "fm_fsdp_per_block": ("fm", {"fsdp": True, "fsdp_reshard_after_forward": True, "ac": "selective"}),
+}
+
+
+def run_config(out: Path, name: str):
+    objective, parallel = RUNS[name]
+    cfg = tiny_config(out / name, steps=4, save_every=2, threads=1)
+    cfg.objective.name, cfg.objective.options = objective, {"mva": True} if objective == "pdg-sfm" else {}
+    cfg.parallel = ParallelSection(**parallel)
+    return cfg
+
+
+def divergent_calls_reduce_like_the_all_reduce(out: Path) -> None:
+    """Gathered once per step, a sharded model whose ranks make different calls (rank 0 never runs the
+    middle stack, rank 1 runs it twice) ends the step with the all-reduced gradients of a plain copy."""
+    from eflow.parallel.fsdp import ShardedStep
+    from eflow.train.distributed import average_gradients
+
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    reference = copy.deepcopy(model)
+    world = World(rank, 2, rank)
+    sharded = ShardedStep(
+        parallelize(model, ParallelSection(fsdp=True), world, CPU), reshard_after_forward=False
+    )
+
+    def loss(m):
+        torch.manual_seed(10 + rank)
+        x, t, cond = torch.randn(2, 3, 2, 8, 8), torch.rand(2), Condition(labels=torch.tensor([1, 2]))
+        total = m(x, t, t, cond, 0.0, path="weak").square().mean()
+        if rank == 1:
+            total = total + m(x, t, 0.5 * t, cond, 2.0).square().mean() + m(x, t, t, cond, 1.0).abs().mean()
+        return total
+
+    sharded.begin_step()
+    loss(model).backward()
+    sharded.reduce_gradients()
+    loss(reference).backward()
+    average_gradients(reference, world)
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param.grad.full_tensor(), expected.grad, rtol=1e-5, atol=1e-7, msg=name)
+    (out / f"divergent_{rank}.ok").write_text("ok")
+
+
+def fsdp_worker(out: Path) -> None:
+    """One rank of the FSDP test (torchrun sets RANK, WORLD_SIZE): every run of RUNS, plus the refusal
+    of per-block gathering with pdg-sfm; model calls per step of the "fsdp" run go to calls_RANK.json."""
+    from eflow.train import trainer as trainer_mod
+
+    trainer_mod.shutdown = lambda world: None  # one process group serves every run
+    calls: list[int] = []
+    train_step, setup = Trainer.train_step, Trainer._parallelize
+
+    def counted_step(self, step):
+        calls.append(0)
+        return train_step(self, step)
+
+    def counted_setup(self):
+        setup(self)
+
+        def hook(module, args):
+            calls[-1] += 1
+
+        self.model.register_forward_pre_hook(hook)
+
+    Trainer.train_step, Trainer._parallelize = counted_step, counted_setup
+    Trainer(run_config(out, "dp"), progress=False).run()  # joins the process group
+    divergent_calls_reduce_like_the_all_reduce(out)
+    for name in ("fsdp", "fm_dp", "fm_fsdp_per_block"):
+        calls.clear()
+        Trainer(run_config(out, name), progress=False).run()
+        if name == "fsdp":
+            (out / f"calls_{os.environ['RANK']}.json").write_text(json.dumps(calls))
+
+    def abort_in_step_3(self, step):  # every rank: the run ends without a save, step 2 is committed
+        if step == 3:
+            raise KeyboardInterrupt
+        return counted_step(self, step)
+
+    Trainer.train_step = abort_in_step_3
+    try:
+        Trainer(run_config(out, "fsdp_resumed"), progress=False).run()
+    except EflowError as err:
+        assert "aborted during step 4" in str(err), err
+    Trainer.train_step = counted_step
+    Trainer(run_config(out, "fsdp_resumed"), resume=True, progress=False).run()
+
+    refused = run_config(out, "fsdp")
+    refused.train.out = str(out / "refused")
+    refused.parallel.fsdp_reshard_after_forward = True
+    try:
+        Trainer(refused, progress=False).run()
+    except EflowError as err:
+        (out / f"refused_{os.environ['RANK']}.txt").write_text(str(err))
+    torch.distributed.destroy_process_group()
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint_dirs(run_dir)[-1] / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
+    """torchrun, 2 gloo processes, batch 4: FSDP2 (gathered once per step, with ac = full) logs the losses
+    and saves the weights of the hand-written all-reduce path, on the EFlow recipe, whose ranks make
+    different model calls; the checkpoint keeps the unsharded layout; a run aborted after its step-2
+    checkpoint resumes to the same losses; fm with per-block gathering matches too; per-block gathering
+    with pdg-sfm is refused; ranks that run the middle stack 0 and 2 times reduce like the all-reduce. (Against a 1-process run the losses differ: a step's draws depend on the
+    rank, so the same global batch gets other noise and times.)"""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+        __file__, str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
+    dp, fsdp = final_weights(tmp_path / "dp"), final_weights(tmp_path / "fsdp")
+    assert dp.keys() == fsdp.keys()
+    for name in dp:
+        torch.testing.assert_close(fsdp[name], dp[name], rtol=1e-5, atol=1e-6, msg=name)
+    optimizers = [
+        torch.load(checkpoint_dirs(tmp_path / run)[-1] / "trainer_state.pt", weights_only=True)["optimizer"]
+        for run in ("dp", "fsdp")
+    ]
+    assert optimizers[1]["param_groups"] == optimizers[0]["param_groups"]  # the unsharded layout
+    for index, expected in optimizers[0]["state"].items():
+        for key, value in expected.items():  # whole moments, not shards
+            torch.testing.assert_close(optimizers[1]["state"][index][key], value, rtol=1e-5, atol=1e-7)
+
+    ranks = [json.loads((tmp_path / f"calls_{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    assert ranks[0] != ranks[1], "the ranks made the same model calls: the test proves nothing"
+
+    assert losses(tmp_path / "fsdp_resumed") == losses(tmp_path / "fsdp")
+    assert losses(tmp_path / "fm_fsdp_per_block") == pytest.approx(losses(tmp_path / "fm_dp"), rel=1e-5)
+    for r in range(2):
+        assert "fsdp_reshard_after_forward = true" in (tmp_path / f"refused_{r}.txt").read_text()
+        assert (tmp_path / f"divergent_{r}.ok").is_file()
+
+
+if __name__ == "__main__":  # a rank of test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path
+    fsdp_worker(Path(sys.argv[1]))
