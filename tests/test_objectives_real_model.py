@@ -13,6 +13,7 @@ import torch
 from eflow.condition import NULL_LABEL, Condition
 from eflow.model.dit import build_model
 from eflow.network import Network
+from eflow.objective import StepInfo
 from eflow.plugins.objectives.fm import FlowMatching, FMDraws
 from eflow.plugins.objectives.solution_flow import SFMDraws, SolutionFlow, cfg_decay
 
@@ -122,3 +123,35 @@ def test_fm_loss_equals_per_sample_hand_computation_on_the_video_dit(model, batc
             ]
         ).mean()  # fmt: skip
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "pdg, options",
+    [
+        (False, {"mva": True}),
+        (True, {"mva": True}),
+        (True, {"mva": True, "target": "ema", "velocity_mix": 1.0}),
+        (False, {"mva": True, "mva_target": "online", "mix_fm_target": False}),
+    ],
+)
+def test_batched_solution_flow_loss_equals_its_per_sample_reference(model, batch, pdg, options):
+    """loss_from (index sets, concatenated passes) against reference_loss (Algorithm 1, one sample and one
+    call at a time), on random draws with every group present and some labels dropped."""
+    import copy
+
+    x0, x1, labels = batch
+    drop = {"p_drop": 0.5} if pdg else {"label_dropout": 0.5}
+    obj = SolutionFlow(total_steps=100, pdg=pdg, **drop, **options)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():  # an EMA copy that differs from the online weights
+        for p in ema.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    net = Network(model, ema=ema)
+    g = torch.Generator().manual_seed(3)
+    draws = obj.draw(x0, StepInfo(step=10, total_steps=100, mva_share=0.34), generator=g)
+    draws.x1 = x1
+    assert min(len(draws.fm), len(draws.scm), len(draws.mva)) > 0 and draws.dropped.any()
+    with torch.no_grad():
+        batched = obj.loss_from(net, x0, Condition(labels=labels), draws).loss
+    reference = obj.reference_loss(net, x0, Condition(labels=labels), draws)
+    assert batched.item() == pytest.approx(reference.item(), rel=1e-9)

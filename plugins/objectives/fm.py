@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
 from eflow.condition import Condition
@@ -39,12 +39,20 @@ class FMOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mu: float = Field(
-        0.0, description="logit-normal mean of t; EFlow Table 5 (mu_t, sigma_t, shift_t) = (0, 1, 3)"
+    # the names of sfm's options for the same quantities; runs written before 2026-11-30 say mu, sigma, shift
+    mu_t: float = Field(
+        0.0,
+        validation_alias=AliasChoices("mu_t", "mu"),
+        description="logit-normal mean of t; EFlow Table 5 (mu_t, sigma_t, shift_t) = (0, 1, 3)",
     )
-    sigma: float = Field(1.0, gt=0, description="logit-normal std of t; EFlow Table 5")
-    shift: float = Field(
-        3.0, gt=0, description="time shift toward noise, t <- shift t / (1 + (shift-1) t); EFlow Table 5"
+    sigma_t: float = Field(
+        1.0, gt=0, validation_alias=AliasChoices("sigma_t", "sigma"), description="logit-normal std of t"
+    )
+    shift_t: float = Field(
+        3.0,
+        gt=0,
+        validation_alias=AliasChoices("shift_t", "shift"),
+        description="time shift toward noise, t <- shift t / (1 + (shift-1) t); EFlow Table 5",
     )
     label_dropout: float = Field(
         0.1,
@@ -104,7 +112,7 @@ class FlowMatching(Objective):
     def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> FMDraws:
         """Noise, logit-normal shifted times and label-dropout draws for a batch x0 [B, ...]."""
         o, b = self.options, x0.shape[0]
-        t = logit_normal(b, o.mu, o.sigma, o.shift, generator, x0.device)
+        t = logit_normal(b, o.mu_t, o.sigma_t, o.shift_t, generator, x0.device)
         return FMDraws(randn_like(x0, generator), t, rand(b, generator, x0.device) < o.label_dropout)
 
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:

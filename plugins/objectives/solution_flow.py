@@ -30,6 +30,9 @@ Exact conventions (where the paper and the notes leave room):
 - loss normalization: loss = (1 / B) sum_i loss_i over the whole batch, which is
   (n_fm / B) L_FM + (n_scm / B) L_SCM + (n_mva / B) L_MVA with each L the mean over its group,
   i.e. a L_FM + b L_SCM + (1 - a - b) L_MVA with the realized group fractions.
+- reading order: `plan_groups` says which samples take which passes (the index sets), `loss_from` computes
+  the equations on those sets with batched passes, and `reference_loss` is Algorithm 1 one sample and
+  one network call at a time: the readable ground truth the batched version is tested against.
 - batching: passes without mutual dependence are concatenated into one network call per
   (path, weights): stage 1 (no grad) = {v_u for FM and SCM samples, F_sg(x_t, t, t, c) for SCM, the first MVA leg},
   stage 2 (no grad) = {SCM target, second MVA leg}, and one call with gradient for all full-path
@@ -293,6 +296,37 @@ class SFMDraws:
     dropped: Tensor  # [B] bool
 
 
+@dataclass
+class Groups:
+    """Which samples take which passes (EFlow Algorithm 1), as batch-index sets [n] long.
+
+    full_fm: FM samples trained on the full path (all FM samples for sfm; the kept ones for pdg-sfm);
+    weak_fm: pdg-sfm's path-dropped FM samples, trained unconditionally on the weak path;
+    guided:  samples whose target folds CFG in, v_g (kept FM and SCM samples with a non-null condition);
+    scm, mva: the SCM and MVA groups.
+    """
+
+    full_fm: Tensor
+    weak_fm: Tensor
+    guided: Tensor
+    scm: Tensor
+    mva: Tensor
+
+
+def plan_groups(d: SFMDraws, null: Tensor, pdg: bool) -> Groups:
+    """The index sets of one step from its draws; null [B] bool marks samples with the null condition."""
+    dropped_fm = d.dropped[d.fm]
+    fm_drop, fm_keep = d.fm[dropped_fm], d.fm[~dropped_fm]
+    guided = torch.cat([fm_keep, d.scm])
+    return Groups(
+        full_fm=fm_keep if pdg else d.fm,
+        weak_fm=fm_drop if pdg else fm_drop[:0],
+        guided=guided[~null[guided]],
+        scm=d.scm,
+        mva=d.mva,
+    )
+
+
 def group_sizes(batch: int, shares: tuple[float, float, float]) -> tuple[int, int, int]:
     """(n_fm, n_scm, n_mva) by rounding the cumulative shares, so they sum to the batch size."""
     a, b, _ = shares
@@ -380,17 +414,19 @@ class SolutionFlow(Objective):
         g = torch.where(null, torch.zeros_like(t), torch.full_like(t, d.w))  # the model's guidance input
         null_cond = cond.null()
 
-        fm_drop, fm_keep = d.fm[d.dropped[d.fm]], d.fm[~d.dropped[d.fm]]
-        weak_fm = fm_drop if self.pdg else fm_drop[:0]  # trained through the weak path (pdg only)
-        full_fm = fm_keep if self.pdg else d.fm
-        scm, mva = d.scm, d.mva
+        groups = plan_groups(d, null, self.pdg)
+        full_fm, weak_fm, guided, scm, mva = (
+            groups.full_fm,
+            groups.weak_fm,
+            groups.guided,
+            groups.scm,
+            groups.mva,
+        )
 
         def at(idx: Tensor, x: Tensor, tt: Tensor, ss: Tensor, c: Condition, gg: Tensor, **kw) -> Pass:
             return Pass(x[idx], tt[idx], ss[idx], c[idx], gg[idx], **kw)
 
         # stage 1 (no grad): v_u for guided FM/SCM samples, F_sg(x_t, t, t, c) for SCM, first MVA leg
-        guided = torch.cat([fm_keep, scm])
-        guided = guided[~null[guided]]
         uncond_path = "weak" if self.pdg else "full"
         mix = o.velocity_mix
         stage1 = [
@@ -446,6 +482,62 @@ class SolutionFlow(Objective):
             metrics["l_ratio"] = l_ratio(info.step, self.total_steps, o.r0, o.r1)
         return LossOutput(loss, metrics)
 
+    # -- the reference ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reference_loss(self, net, x0: Tensor, cond: Condition, d: SFMDraws) -> Tensor:
+        """Algorithm 1 one sample at a time, each pass its own network call: the ground truth of the
+        batched `loss_from` (same draws, same value; tests check it). Returns the scalar loss []."""
+        o, B = self.options, x0.shape[0]
+        mix, uncond_path = o.velocity_mix, ("weak" if self.pdg else "full")
+        group = {int(i): name for name, idx in (("fm", d.fm), ("scm", d.scm), ("mva", d.mva)) for i in idx}
+
+        tdtype = torch.promote_types(x0.dtype, torch.float32)  # as loss_from: times stay >= float32
+
+        def one(v: float) -> Tensor:  # a time or guidance scale as a [1] tensor
+            return torch.tensor([v], device=x0.device, dtype=tdtype)
+
+        def F(x, t, s, c, w, path="full", weights="online"):  # the network on one sample, times as floats
+            call = net.ema if weights == "ema" else net
+            out = call(x, one(t), one(s), c, one(w), path=path)
+            return out.to(torch.promote_types(out.dtype, x.dtype))
+
+        def f(x, t, s, c, w, weights="online"):  # the solution map f = x + (s - t) F
+            return x + (s - t) * F(x, t, s, c, w, weights=weights)
+
+        total = x0.new_zeros(())
+        for i in range(B):
+            t, l, s = (float(v[i]) for v in (d.t, d.l, d.s))
+            x0_i, x1_i = x0[i : i + 1], d.x1[i : i + 1]
+            x_t, v = (1 - t) * x0_i + t * x1_i, x1_i - x0_i
+            c = cond[i : i + 1]
+            if d.dropped[i]:
+                c = c.null()
+            null = bool(c.is_null()[0])
+            w = 0.0 if null else d.w
+            v_g = v  # the CFG-folded velocity (Eq. 9/11); the plain v for a null condition
+            if not null and group[i] in ("fm", "scm"):
+                v_u = F(x_t, t, t, c.null(), 0.0, uncond_path)
+                v_g = v + float(cfg_decay(torch.tensor([t]), o.cfg_decay_time)) * (w - 1) * (v - v_u)
+            if group[i] == "fm":
+                if d.dropped[i]:  # unconditional FM: on the weak path for pdg-sfm (Algorithm 1, l. 7-8)
+                    err = per_sample_mse(F(x_t, t, t, c, 0.0, uncond_path), v)
+                else:
+                    F_c = F(x_t, t, t, c, w)
+                    target = (
+                        mix * v_g + (1 - mix) * F_c if (o.mix_fm_target and mix < 1 and not null) else v_g
+                    )
+                    err = per_sample_mse(F_c, target)
+                total = total + (adaptive_weight(err, o.p, o.eps) * err)[0]
+            elif group[i] == "scm":  # one step along the mixed velocity to l, then the target map to s
+                v_mix = v_g if mix >= 1 else mix * v_g + (1 - mix) * F(x_t, t, t, c, w)
+                x_l = x_t + (l - t) * v_mix
+                f_t, f_l = f(x_t, t, s, c, w), f(x_l, l, s, c, w, weights=o.target)
+                total = total + scm_loss(f_t, f_l, one(t), one(l), one(s), o.p, o.eps)[0]
+            else:  # MVA: the direct jump t -> s against the composed one t -> l -> s (Eq. 12)
+                composed = f(f(x_t, t, l, c, w, weights=o.mva_target), l, s, c, w, weights=o.mva_target)
+                total = total + mva_loss(f(x_t, t, s, c, w), composed)[0]
+        return total / B
+
     # -- declared cost ---------------------------------------------------------------------------------
     def cost(self, mva_share: float = 0.0) -> ForwardCost:
         """Expected passes per sample (conditional data assumed; `weak` includes pdg's weak passes with grad).
@@ -483,6 +575,7 @@ def register_objectives(register):
 
 
 __all__ = [
+    "Groups",
     "PDGSFMOptions",
     "SFMDraws",
     "SFMOptions",
@@ -490,6 +583,7 @@ __all__ = [
     "cfg_decay",
     "guided_velocity",
     "mva_loss",
+    "plan_groups",
     "scm_loss",
     "straight_path",
 ]
