@@ -46,9 +46,6 @@ class Objective(ABC):
     `batch` = {"x0": latents [B, C, T, H, W], "cond": Condition} and `info` a StepInfo.
     """
 
-    #: the sampler `eflow sample` uses by default for runs trained with this objective
-    default_sampler: str = "euler"
-
     @abstractmethod
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
         """The step's loss and metrics."""

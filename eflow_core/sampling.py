@@ -19,9 +19,7 @@ def sampler_name(cfg: RunConfig) -> str:
     """The run's sampler: the configured one, else the one its objective was trained for."""
     if cfg.sample.sampler:
         return cfg.sample.sampler
-    factory = get_registry("objective").get(cfg.objective.name).factory
-    factory = getattr(factory, "func", factory)  # functools.partial
-    return getattr(factory, "default_sampler", "euler")
+    return get_registry("objective").get(cfg.objective.name).capability("default_sampler")
 
 
 def sample_labels(num: int, num_classes: int, label: int | None) -> Tensor:

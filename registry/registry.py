@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -34,6 +34,17 @@ class DuplicateNameError(EflowError):
     """Two plugins registered the same name in one registry."""
 
 
+# What a plugin may declare about itself when it registers (register(name, factory, hybrid=True)), per kind,
+# with each capability's type and its value when not declared. The core reads these instead of probing
+# the plugin's attributes.
+CAPABILITIES: dict[str, dict[str, tuple[type, Any]]] = {
+    # one full softmax block after every K blocks of this backend (the preset's softmax_ratio; GLGA, EFlow 4.1)
+    "attention": {"hybrid": (bool, False)},
+    # the sampler `eflow sample` uses for runs trained with this objective
+    "objective": {"default_sampler": (str, "euler")},
+}
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered implementation."""
@@ -45,6 +56,16 @@ class Entry:
     options: type[BaseModel] | None = None  # pydantic model (extra="forbid") of the factory's options
     owner: str = "?"  # the plugin (entry point) that registered it
     version: str = ""
+    capabilities: dict[str, Any] = field(default_factory=dict)  # declared at registration (CAPABILITIES)
+
+    def capability(self, name: str) -> Any:
+        """A declared capability, else the factory's attribute of that name (plugins written before
+        capabilities existed), else the kind's default."""
+        if name in self.capabilities:
+            return self.capabilities[name]
+        factory = getattr(self.factory, "func", self.factory)  # functools.partial
+        _, default = CAPABILITIES[self.kind][name]
+        return getattr(factory, name, default)
 
     def parse_options(self, options: dict[str, Any] | BaseModel | None) -> BaseModel | None:
         """Validate user options against the plugin's pydantic model; errors name the field."""
@@ -114,8 +135,10 @@ class Registry:
         options: type[BaseModel] | None = None,
         owner: str = "?",
         version: str = "",
+        **capabilities: Any,
     ) -> Entry:
-        """Add `name`; a second registration of the same name fails naming both owners."""
+        """Add `name` with its declared capabilities (CAPABILITIES of this kind); a second registration of
+        the same name fails naming both owners."""
         if not name or name != name.strip():
             raise EflowError(f"{self.kind} plugin from '{owner}' registered an empty or padded name {name!r}")
         if name in self._entries:
@@ -125,7 +148,20 @@ class Registry:
             )
         if options is not None and not (isinstance(options, type) and issubclass(options, BaseModel)):
             raise EflowError(f"{self.kind} '{name}' from '{owner}': options must be a pydantic model class")
-        entry = Entry(self.kind, name, factory, summary, options, owner, version)
+        known = CAPABILITIES.get(self.kind, {})
+        for key, value in capabilities.items():
+            if key not in known:
+                choices = ", ".join(known) or "none"
+                raise EflowError(
+                    f"{self.kind} '{name}' from '{owner}' declares an unknown capability {key!r}; "
+                    f"{self.kind} plugins may declare: {choices}"
+                )
+            kind_type = known[key][0]
+            if not isinstance(value, kind_type):
+                raise EflowError(
+                    f"{self.kind} '{name}' from '{owner}': capability {key}={value!r} must be a {kind_type.__name__}"
+                )
+        entry = Entry(self.kind, name, factory, summary, options, owner, version, dict(capabilities))
         self._entries[name] = entry
         return entry
 

@@ -86,8 +86,8 @@ def data():
 def test_objectives_register_with_their_default_samplers():
     reg = objectives()
     assert reg.names() == ["fm", "pdg-sfm", "sfm"]
-    assert make("fm").default_sampler == "euler"
-    assert make("sfm").default_sampler == "solution" and make("pdg-sfm").default_sampler == "solution"
+    assert reg.get("fm").capability("default_sampler") == "euler"
+    assert {reg.get(n).capability("default_sampler") for n in ("sfm", "pdg-sfm")} == {"solution"}
     assert make("pdg-sfm").pdg and not make("sfm").pdg
 
 

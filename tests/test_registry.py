@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from typer.testing import CliRunner
 
-from eflow.errors import ConfigError
+from eflow.errors import ConfigError, EflowError
 from eflow.registry import (
     KINDS,
     DuplicateNameError,
@@ -276,3 +276,32 @@ def test_every_package_folder_is_listed_in_pyproject():
             parts = init.parent.relative_to(root / folder).parts
             found.add(".".join([name, *parts]))
     assert found <= set(setuptools["packages"]), sorted(found - set(setuptools["packages"]))
+
+
+def test_capabilities_are_declared_at_registration_and_checked():
+    reg = Registry("attention")
+    entry = reg.register("hyb", object, owner="p", hybrid=True)
+    assert entry.capability("hybrid") is True
+    assert reg.register("plain", object, owner="p").capability("hybrid") is False  # the kind's default
+    with pytest.raises(
+        EflowError, match=r"unknown capability 'hybird'; attention plugins may declare: hybrid"
+    ):
+        reg.register("typo", object, owner="p", hybird=True)
+    with pytest.raises(EflowError, match="capability hybrid='yes' must be a bool"):
+        reg.register("wrong", object, owner="p", hybrid="yes")
+    with pytest.raises(EflowError, match="token_drop plugins may declare: none"):
+        Registry("token_drop").register("x", object, owner="p", hybrid=True)
+
+
+def test_a_legacy_class_attribute_still_counts_when_nothing_is_declared():
+    class Legacy:
+        hybrid = True
+        default_sampler = "solution"
+
+    assert Registry("attention").register("a", Legacy).capability("hybrid") is True
+    assert Registry("objective").register("o", Legacy).capability("default_sampler") == "solution"
+
+
+def test_built_in_capabilities():
+    assert get_registry("attention").get("glga").capability("hybrid") is True
+    assert not any(get_registry("attention").get(n).capability("hybrid") for n in ("softmax", "sana", "tile"))

@@ -69,7 +69,7 @@ class VideoDiT(nn.Module):
         self.text_embed = TextProjection(spec.text_dim, dim) if spec.text_dim else None
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # shared by every block
 
-        hybrid = getattr(get_registry("attention").get(attention).factory, "hybrid", False)
+        hybrid = get_registry("attention").get(attention).capability("hybrid")
         self.block_attention = [
             "softmax" if attention == "softmax" or (hybrid and spec.is_softmax_block(i)) else attention
             for i in range(spec.depth)

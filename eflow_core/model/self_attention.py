@@ -30,9 +30,6 @@ class SelfAttention(nn.Module, metaclass=ABCMeta):
     """
 
     rotate_qk: bool = True  # apply RoPE to q and k before `attend`
-    # True: the model interleaves one full softmax block after every K blocks of this backend (the preset's
-    # softmax_ratio), as GLGA prescribes (EFlow 4.1). Baselines (Sana, SLA, VSA, tiles) replace every block.
-    hybrid: bool = False
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()

@@ -177,8 +177,6 @@ def _compiled_gated_glga():
 class GLGAttention(SelfAttention):
     """Gated sum of a global linear-attention branch and a local sliding-window softmax branch."""
 
-    hybrid = True  # one full softmax block every K GLGA blocks (EFlow 4.1)
-
     def __init__(
         self,
         dim: int,
@@ -311,4 +309,5 @@ def register_attention(register):
         GLGAttention,
         summary="Gated Local-Global Attention (EFlow): linear global + sliding-window softmax, gated; droppable.",
         options=GLGAOptions,
+        hybrid=True,  # one full softmax block after every K GLGA blocks (EFlow 4.1)
     )

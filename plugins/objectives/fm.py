@@ -103,8 +103,6 @@ class FMDraws:
 class FlowMatching(Objective):
     """|| F(x_t, t, t, c) - v ||^2 (optionally adaptively weighted); one full forward with grad per sample."""
 
-    default_sampler = "euler"
-
     def __init__(self, *, total_steps: int, **options: Any):
         self.options: FMOptions = validated(FMOptions, options, "fm")
         self.total_steps = total_steps
@@ -147,4 +145,5 @@ def register_objectives(register):
         FlowMatching,
         summary="flow matching: ||F(x_t,t,t,c) - (x1 - x0)||^2, label dropout for CFG; sample with euler",
         options=FMOptions,
+        default_sampler="euler",
     )

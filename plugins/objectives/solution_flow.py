@@ -338,8 +338,6 @@ def group_sizes(batch: int, shares: tuple[float, float, float]) -> tuple[int, in
 class SolutionFlow(Objective):
     """`sfm` (pdg=False) and `pdg-sfm` (pdg=True): FM + SCM (+ MVA) on disjoint parts of each batch."""
 
-    default_sampler = "solution"
-
     def __init__(self, *, total_steps: int, pdg: bool = False, **options: Any):
         self.pdg = pdg
         self.name = "pdg-sfm" if pdg else "sfm"
@@ -565,12 +563,14 @@ def register_objectives(register):
         functools.partial(SolutionFlow, pdg=False),
         summary="solution flow (SoFlow): FM + SCM (+ --mva), CFG folded into the target via a full uncond pass",
         options=SFMOptions,
+        default_sampler="solution",
     )
     register(
         "pdg-sfm",
         functools.partial(SolutionFlow, pdg=True),
         summary="EFlow: solution flow with path-drop guidance (weak-path uncond velocity) and optional MVA",
         options=PDGSFMOptions,
+        default_sampler="solution",
     )
 
 
