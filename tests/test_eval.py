@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eflow.api import conforms
 from eflow.errors import EflowError
 from eflow.eval import frechet as frechet_mod
 from eflow.eval.accuracy import ClassTally
@@ -152,6 +153,7 @@ def i3d_file(tmp_path_factory):
 def test_i3d_loads_a_torchscript_file_and_gives_logits_as_features(i3d_file):
     extractor = create_extractor("i3d", {"path": str(i3d_file), "frames": 8})
     assert extractor.dim == 400 and extractor.protocol["frames"] == 8
+    assert conforms("feature_extractor", extractor)
     assert "rescale=True, resize=True, return_features=True" in extractor.protocol["call"]
     assert extractor.content_hash.startswith("sha256:") and len(extractor.content_hash) == 71
     clips = torch.randint(0, 256, (3, 3, 10, 24, 24), dtype=torch.uint8)
@@ -223,6 +225,7 @@ def test_indomain_is_found_from_the_dataset_and_clip_shape(classifier_file):
     }
     extractor = create_extractor("indomain", {}, context)
     assert extractor.metric_label == "in-domain FVD" and extractor.dim == 64
+    assert conforms("feature_extractor", extractor)
     assert extractor.path == classifier_file
     extractor.check_clip_shape((3, *CLIP))
     with pytest.raises(EflowError, match="takes 3x8x16x16 clips"):

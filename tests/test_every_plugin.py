@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from eflow.api import conforms
 from eflow.condition import Condition
 from eflow.errors import EflowError
 from eflow.model.dit import build_model
@@ -94,6 +95,7 @@ def model():
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
 def test_token_drop_returns_sorted_unique_indices_of_one_count(name, ratio):
     drop = get_registry("token_drop").create(name)
+    assert conforms("token_drop", drop), "does not fulfil the token_drop contract of eflow.api"
     grid, n = (4, 6, 6), 144
     index = drop.select(grid, 3, ratio, torch.Generator().manual_seed(0))
     assert index.dtype == torch.long and index.shape[0] == 3
@@ -105,6 +107,7 @@ def test_token_drop_returns_sorted_unique_indices_of_one_count(name, ratio):
 @pytest.mark.parametrize("name", names("objective"))
 def test_objective_gives_a_finite_loss_that_backpropagates_and_declares_its_cost(name, model):
     objective = get_registry("objective").create(name, total_steps=10)
+    assert conforms("objective", objective), "does not fulfil the objective contract of eflow.api"
     m = copy.deepcopy(model).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     torch.manual_seed(1)
@@ -125,6 +128,7 @@ def test_objective_gives_a_finite_loss_that_backpropagates_and_declares_its_cost
 @pytest.mark.parametrize("steps", [1, 3])
 def test_sampler_turns_noise_into_finite_latents_of_the_same_shape(name, steps, model):
     sampler = get_registry("sampler").create(name)
+    assert conforms("sampler", sampler), "does not fulfil the sampler contract of eflow.api"
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     cond = Condition(labels=torch.tensor([0, 1, 2, 3]))
     with torch.no_grad():
@@ -138,6 +142,7 @@ def test_sampler_turns_noise_into_finite_latents_of_the_same_shape(name, steps, 
 @pytest.mark.parametrize("name", names("dataset"))
 def test_dataset_items_are_clips_in_range_with_a_condition(name, plugin_options):
     dataset = create("dataset", name, plugin_options("dataset", name), 3, 8, 12, seed=0)
+    assert conforms("dataset", dataset), "does not fulfil the dataset contract of eflow.api"
     item = dataset[0]
     if "latents" in item:  # pre-encoded clips (here by the pixel autoencoder: the same shape)
         assert item["latents"].shape == (3, 3, 8, 12) and torch.isfinite(item["latents"]).all()
@@ -151,6 +156,7 @@ def test_dataset_items_are_clips_in_range_with_a_condition(name, plugin_options)
 @pytest.mark.parametrize("name", names("autoencoder"))
 def test_autoencoder_latents_have_the_declared_shape_and_decode_back(name, plugin_options):
     ae = create("autoencoder", name, plugin_options("autoencoder", name))
+    assert conforms("autoencoder", ae), "does not fulfil the autoencoder contract of eflow.api"
     video = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # 5 = 4k + 1 frames, what causal video VAEs take
     latents = ae.encode(video)
     assert tuple(latents.shape[1:]) == tuple(ae.latent_shape((3, 5, 16, 16)))
@@ -160,6 +166,18 @@ def test_autoencoder_latents_have_the_declared_shape_and_decode_back(name, plugi
 @pytest.mark.parametrize("name", names("text_encoder"))
 def test_text_encoder_gives_padded_embeddings_and_a_mask(name, plugin_options):
     encoder = create("text_encoder", name, plugin_options("text_encoder", name))
+    assert conforms("text_encoder", encoder), "does not fulfil the text_encoder contract of eflow.api"
     emb, mask = encoder.encode(["a red square moving left", ""])
     assert emb.shape[:2] == mask.shape and emb.shape[2] == encoder.dim
     assert mask[0].any() and mask.dtype == torch.bool
+
+
+@pytest.mark.parametrize("name", names("attention"))
+def test_attention_backend_fulfils_the_contract_and_keeps_shapes(name):
+    attn = get_registry("attention").create(name, 32, 2)
+    assert conforms("attention", attn), "an attention backend subclasses eflow.api.SelfAttention"
+    model = build_model("tiny", attention=name, num_classes=3)
+    x = torch.randn(2, 3, 2, 16, 16)
+    t = torch.rand(2)
+    out = model(x, t, t, Condition(labels=torch.tensor([0, 1])))
+    assert out.shape == x.shape and torch.isfinite(out).all()

@@ -32,11 +32,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from eflow.model import flex
-from eflow.model.attention_reference import dense_attention, linear_attention_reference, window_mask
-from eflow.model.self_attention import RMSNorm, SelfAttention
-from eflow.model.tokens import TokenContext
-from eflow.registry import hookimpl
+from eflow.api import (
+    RMSNorm,
+    SelfAttention,
+    TokenContext,
+    dense_attention,
+    flex,
+    hookimpl,
+    linear_attention_reference,
+    window_mask,
+)
 
 
 class GLGAOptions(BaseModel):

@@ -30,11 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from eflow.model.mix_ffn import MixFFN
-from eflow.model.rope import apply_rope
-from eflow.model.self_attention import SelfAttention
-from eflow.model.tokens import TokenContext
-from eflow.registry import hookimpl
+from eflow.api import MixFFN, SelfAttention, TokenContext, apply_rope, hookimpl
 
 
 class SanaOptions(BaseModel):

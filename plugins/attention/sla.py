@@ -32,12 +32,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from eflow.model import flex
-from eflow.model.block_sparse import masked_attention, selection_block_mask, topk_count
-from eflow.model.flex import num_blocks, pad_tokens
-from eflow.model.self_attention import SelfAttention
-from eflow.model.tokens import TokenContext
-from eflow.registry import hookimpl
+from eflow.api import (
+    SelfAttention,
+    TokenContext,
+    flex,
+    hookimpl,
+    masked_attention,
+    num_blocks,
+    pad_tokens,
+    selection_block_mask,
+    topk_count,
+)
 
 FeatureMap = Literal["softmax", "elu", "relu"]
 LINEAR_EPS = 1e-6  # eps of the linear branch's normalizer

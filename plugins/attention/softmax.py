@@ -11,10 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from eflow.model.attention_reference import dense_attention
-from eflow.model.self_attention import SelfAttention
-from eflow.model.tokens import TokenContext
-from eflow.registry import hookimpl
+from eflow.api import SelfAttention, TokenContext, dense_attention, hookimpl
 
 # On H100, cuDNN ~590 TF/s vs flash ~350 (notes/gpu-anchors.md); math is the last resort (e.g. fp64).
 CUDA_BACKENDS = [

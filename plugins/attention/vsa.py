@@ -27,11 +27,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor, nn
 
-from eflow.model import flex
-from eflow.model.block_sparse import masked_attention, selection_block_mask, topk_count
-from eflow.model.self_attention import SelfAttention
-from eflow.model.tokens import TokenContext
-from eflow.registry import hookimpl
+from eflow.api import (
+    SelfAttention,
+    TokenContext,
+    flex,
+    hookimpl,
+    masked_attention,
+    selection_block_mask,
+    topk_count,
+)
 
 
 class VSAOptions(BaseModel):

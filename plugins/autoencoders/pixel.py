@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from eflow.registry import hookimpl
+from eflow.api import hookimpl
 
 
 class PixelOptions(BaseModel):

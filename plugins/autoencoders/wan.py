@@ -35,8 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from eflow.errors import ConfigError, EflowError
-from eflow.registry import hookimpl
+from eflow.api import ConfigError, EflowError, hookimpl
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 

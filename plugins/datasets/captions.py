@@ -24,10 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from eflow.data.clip_dataset import ClipDataset, MediaEntry
-from eflow.errors import EflowError
-from eflow.registry import format_validation_error, hookimpl
-from eflow.text_file import read_utf8
+from eflow.api import ClipDataset, EflowError, MediaEntry, format_validation_error, hookimpl, read_utf8
 
 
 class CaptionsOptions(BaseModel):

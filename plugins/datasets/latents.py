@@ -23,9 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
-from eflow.data.latent_shards import LatentShards
-from eflow.errors import ConfigError
-from eflow.registry import hookimpl
+from eflow.api import ConfigError, LatentShards, hookimpl
 
 
 class LatentsOptions(BaseModel):

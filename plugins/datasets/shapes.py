@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import Dataset
 
-from eflow.registry import hookimpl
+from eflow.api import hookimpl
 
 CLASSES = ("left", "right", "up", "down", "bounce", "rotate", "grow", "shrink", "orbit", "still")
 NUM_CLASSES = len(CLASSES)
@@ -233,7 +233,7 @@ def write_preview(
     seed: int = 0,
 ) -> list[Path]:
     """Write `num` clips (default one per class) as mp4 plus grid.png (one row per clip); returns the paths."""
-    from eflow.data.video_io import write_grid_png, write_mp4
+    from eflow.api import write_grid_png, write_mp4
 
     out_dir = Path(out_dir)
     dataset = ShapesDataset(frames, height, width, seed=seed)

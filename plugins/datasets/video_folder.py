@@ -23,10 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from eflow.data.clip_dataset import ClipDataset, MediaEntry
-from eflow.data.readers import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-from eflow.errors import EflowError
-from eflow.registry import hookimpl
+from eflow.api import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ClipDataset, EflowError, MediaEntry, hookimpl
 
 MEDIA_SUFFIXES = VIDEO_SUFFIXES + IMAGE_SUFFIXES
 

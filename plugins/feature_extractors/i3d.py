@@ -28,9 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from eflow.errors import EflowError
-from eflow.eval.extractor import file_sha256, to_unit_range
-from eflow.registry import hookimpl
+from eflow.api import EflowError, file_sha256, hookimpl, to_unit_range
 
 PATH_ENV = "EFLOW_I3D_PATH"
 RESOLUTION = 224

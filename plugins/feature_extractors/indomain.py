@@ -22,10 +22,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from eflow.errors import EflowError
-from eflow.eval.classifier import classifier_path, load_classifier, resolve_dataset_options
-from eflow.eval.extractor import file_sha256, to_unit_range
-from eflow.registry import hookimpl
+from eflow.api import (
+    EflowError,
+    classifier_path,
+    file_sha256,
+    hookimpl,
+    load_classifier,
+    resolve_dataset_options,
+    to_unit_range,
+)
 
 METRIC_LABEL = "in-domain FVD"
 
@@ -72,7 +77,7 @@ def _toml(value: Any) -> str:
 
 def _require_labels(dataset: str, options: dict[str, Any], frames: int, height: int, width: int) -> None:
     """Fail clearly when the dataset has no class labels (no classifier can be trained on it)."""
-    from eflow.registry import get_registry
+    from eflow.api import get_registry
 
     data = get_registry("dataset").create(dataset, frames, height, width, seed=0, options=options)
     if not getattr(data, "num_classes", None):

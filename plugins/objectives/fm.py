@@ -15,13 +15,22 @@ import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
-from eflow.condition import Condition
-from eflow.errors import ConfigError
-from eflow.loss_weight import adaptive_weight, per_sample_mse
-from eflow.network import expand_like
-from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo
-from eflow.registry import format_validation_error, hookimpl
-from eflow.timesteps import logit_normal, rand, randn_like
+from eflow.api import (
+    Condition,
+    ConfigError,
+    ForwardCost,
+    LossOutput,
+    Objective,
+    StepInfo,
+    adaptive_weight,
+    expand_like,
+    format_validation_error,
+    hookimpl,
+    logit_normal,
+    per_sample_mse,
+    rand,
+    randn_like,
+)
 
 SFM_ONLY_OPTIONS = (
     "mva",

@@ -49,21 +49,27 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
-from eflow.condition import Condition
-from eflow.errors import ConfigError
-from eflow.loss_weight import adaptive_weight, per_sample_mse
-from eflow.network import expand_like, solution_map
-from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo
-from eflow.registry import format_validation_error, hookimpl
-from eflow.timesteps import (
+from eflow.api import (
+    Condition,
+    ConfigError,
+    ForwardCost,
+    LossOutput,
+    Objective,
+    StepInfo,
+    adaptive_weight,
+    expand_like,
+    format_validation_error,
+    hookimpl,
     intermediate_time,
     l_ratio,
     logit_normal,
     mva_grid,
+    per_sample_mse,
     rand,
     randn_like,
     sample_mva_triplets,
     sample_scm_times,
+    solution_map,
 )
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,9 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from eflow.data.text_cache import CaptionCache
-from eflow.registry import hookimpl
-from eflow.text_encoding import words
+from eflow.api import CaptionCache, hookimpl, words
 
 
 class HashedOptions(BaseModel):

@@ -15,8 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from eflow.registry import hookimpl
-from eflow.text_encoding import words
+from eflow.api import hookimpl, words
 
 
 class HashedWordsOptions(BaseModel):

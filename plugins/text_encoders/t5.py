@@ -27,9 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from eflow.errors import ConfigError
-from eflow.registry import hookimpl
-from eflow.text_encoding import Dtype, LocalTransformerEncoder, require_transformers
+from eflow.api import ConfigError, Dtype, LocalTransformerEncoder, hookimpl, require_transformers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

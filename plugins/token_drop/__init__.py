@@ -1,9 +1,9 @@
 """Token-drop strategies for the middle stack: none, random, sprint (structured group-wise)."""
 
+from eflow.api import hookimpl
 from eflow.plugins.token_drop.none import NoDrop
 from eflow.plugins.token_drop.random import RandomDrop
 from eflow.plugins.token_drop.sprint import SprintDrop, SprintOptions
-from eflow.registry import hookimpl
 
 __all__ = ["NoDrop", "RandomDrop", "SprintDrop", "SprintOptions", "register_token_drop"]
 

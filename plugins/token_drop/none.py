@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from eflow.token_drop import TokenDrop
+from eflow.api import TokenDrop
 
 
 class NoDrop(TokenDrop):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from eflow.token_drop import TokenDrop
+from eflow.api import TokenDrop
 
 
 class RandomDrop(TokenDrop):

@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from eflow.token_drop import TokenDrop
+from eflow.api import TokenDrop
 
 
 class SprintOptions(BaseModel):

@@ -13,10 +13,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from eflow.model.attention_reference import dense_attention
-from eflow.model.self_attention import SelfAttention
-from eflow.model.tokens import TokenContext
-from eflow.registry import hookimpl
+from eflow.api import SelfAttention, TokenContext, TokenDrop, dense_attention, hookimpl
 
 # ----- attention backend ----------------------------------------------------------------------------
 
@@ -77,10 +74,11 @@ class FramesOptions(BaseModel):
     )
 
 
-class FramesDrop:
+class FramesDrop(TokenDrop):
     """Drops whole latent frames: keeps T' - floor(ratio * T') frames (at least one) with all their tokens.
 
     Images (T' = 1) keep everything. The number of kept tokens M is the same for every sample.
+    TokenDrop.select checks the ratio and picks the device; this class only chooses the frames.
     """
 
     def __init__(self, contiguous: bool = False):
@@ -90,15 +88,17 @@ class FramesDrop:
     def kept_frames(frames: int, ratio: float) -> int:
         return max(1, frames - math.floor(ratio * frames + 1e-9))
 
-    def select(
-        self, grid: tuple[int, int, int], batch: int, ratio: float, generator: torch.Generator | None = None
+    def keep(
+        self,
+        grid: tuple[int, int, int],
+        batch: int,
+        ratio: float,
+        generator: torch.Generator | None,
+        device: torch.device,
     ) -> Tensor:
         """[B, M] sorted raster indices of the kept tokens, M = kept_frames * H' * W'."""
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"token-drop ratio must be in [0, 1), got {ratio}")
         t, h, w = grid
         keep = self.kept_frames(t, ratio)
-        device = generator.device if generator is not None else torch.device("cpu")
         if self.contiguous:
             start = torch.randint(0, t - keep + 1, (batch, 1), generator=generator, device=device)
             frames = start + torch.arange(keep, device=device)  # [B, keep], ascending
