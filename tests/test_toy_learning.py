@@ -167,6 +167,7 @@ def results():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sfm", "pdg-sfm"])
 @pytest.mark.parametrize("steps", [1, 2])
 def test_few_step_solution_flow_beats_fm_euler_at_equal_steps(results, name, steps):
@@ -175,6 +176,7 @@ def test_few_step_solution_flow_beats_fm_euler_at_equal_steps(results, name, ste
         assert results[name][mva][steps] < 0.8 * fm, (name, mva, steps, results)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sfm", "pdg-sfm"])
 @pytest.mark.parametrize("steps", [1, 2])
 def test_mva_does_not_make_few_step_samples_worse(results, name, steps):
