@@ -137,3 +137,21 @@ def media(tmp_path_factory):
     ]
     (captions / "clips.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+# ----- the command line in-process, for the CLI tests ---------------------------------------------------
+def run_cli(*args):
+    """`eflow ARGS...` in-process (arguments str()-ed, so paths and numbers can be passed); the Result."""
+    from typer.testing import CliRunner
+
+    from eflow.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *fragments):
+    """Exit status 2, no traceback, and every fragment in the output."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output

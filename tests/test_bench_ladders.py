@@ -5,36 +5,24 @@ import json
 
 import pytest
 import torch
+from conftest import assert_clean_error
+from conftest import run_cli as run
 from torch.utils.flop_counter import FlopCounterMode
-from typer.testing import CliRunner
 
 from eflow.bench import sample_ladder, train_ladder
 from eflow.bench.device_peak import mfu, peak_tflops
 from eflow.bench.ladder import base_config, parse_rungs
 from eflow.bench.model_flops import BACKWARD_FACTOR, forward_flops
+from eflow.bench.tables import results_view
 from eflow.bench.train_ladder import DEFAULT_RUNG, RUNG_KEYS, TRAIN_RUNGS, TrainLadderSpec
-from eflow.cli.app import app
 from eflow.condition import Condition
 from eflow.model.dit import build_model
 from eflow.registry import get_registry
-
-runner = CliRunner()
 
 # tiny preset (patch 1x4x4, pixel latents): 2 frames of 16x16 pixels = a 2x4x4 grid of 32 tokens
 CLIP = ["--preset", "tiny", "--frames", "2", "--size", "16", "--device", "cpu"]
 TRAIN = ["bench", "train", *CLIP, "--batch-size", "2", "--steps", "2", "--warmup", "1"]
 SAMPLE = ["bench", "sample", *CLIP, "--repeats", "2", "--warmup", "1"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,20 +34,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def train_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ladders") / "train"
-    result = run(*TRAIN, "--out", out)
+def ladder_run(tmp_path_factory, name, command):
+    """(out, the CLI result, results.json) of `command` run into a fresh folder `name`."""
+    out = tmp_path_factory.mktemp("ladders") / name
+    result = run(*command, "--out", out)
     assert result.exit_code == 0, result.output
     return out, result, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    return ladder_run(tmp_path_factory, "train", TRAIN)
 
 
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ladders") / "sample"
-    result = run(*SAMPLE, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out, result, json.loads((out / "results.json").read_text())
+    return ladder_run(tmp_path_factory, "sample", SAMPLE)
 
 
 # ----- eflow bench train -----------------------------------------------------------------------------
@@ -323,3 +313,31 @@ def test_a_custom_sample_rung_and_an_out_of_memory_rung(tmp_path, monkeypatch):
         ("glga-2", "ok", 2),
     ]
     assert records[1]["speedup"] is None  # no baseline: the first rung failed
+
+
+# ----- what the ladders share, and the bench CLI's helpers ---------------------------------------------
+def test_ladder_parameters_keep_their_order_and_the_view_repeats_the_printed_table(train_run, sample_run):
+    shared = ["preset", "grid", "tokens", "clip", "latent_shape", "autoencoder", "condition", "batch"]
+    tail = ["warmup", "device", "dtype", "seed", "rungs"]
+    assert list(train_run[2]["parameters"]) == [*shared, "steps", *tail]
+    assert list(sample_run[2]["parameters"]) == [*shared, "repeats", *tail]
+    table, notes = results_view(train_run[2])
+    assert table.title.startswith("training ladder on ") and "2x4x4 tokens, batch 2, fp32" in table.title
+    assert [column.header for column in table.columns][:3] == ["rung", "attn", "objective"]
+    assert len(notes) == 1 and notes[0].startswith("passes = forward passes")
+    table, notes = results_view(sample_run[2])
+    assert table.columns[-1].header == "status" and len(table.rows) == 4
+    assert notes == ["the pixel autoencoder decodes for free; e2e = diffusion (see --random-vae)"]
+
+
+def test_random_vae_and_a_vae_path_are_one_clear_error(tmp_path):
+    result = run(*SAMPLE, "--random-vae", "--vae-path", tmp_path, "--out", tmp_path)
+    assert_clean_error(result, "--random-vae and --vae-path contradict each other")
+
+
+@pytest.mark.parametrize("pair", ["window_frames=1", "glga.window_frames", ".x=1", "glga.=1"])
+def test_a_bench_attention_set_pair_without_backend_and_field_names_the_form(pair, tmp_path):
+    result = run("bench", "attention", "--set", pair, "--device", "cpu", "--out", tmp_path)
+    assert_clean_error(
+        result, f"--set {pair!r}: expected BACKEND.FIELD=VALUE, e.g. --set glga.window_frames=6"
+    )

@@ -11,28 +11,48 @@ The clip: the base config's data.frames x data.height x data.width pixels throug
 token grid T'xH'xW' given directly, turned into the pixel clip that the autoencoder and the preset's
 patch map onto exactly that grid (frames = (T' pt - 1) tc + 1, height = H' ph sc, width = W' pw sc
 with tc, sc the autoencoder's temporal and spatial compression).
+
+Running a ladder (`LadderSpec`, `run_rungs`): every rung's config is checked before anything runs;
+then per rung, its record is filled from the parts built on the meta device, Dynamo is reset (each rung
+compiles afresh, as its own `eflow train` / `eflow sample` process would), the rung is measured (an
+exception becomes its status: "oom", "error: ..."), the device's memory is released and the speed-ups
+over the first rung are set.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from eflow.assembly import Parts, build_parts, validate_plugins
-from eflow.bench.grids import split_list
+from eflow.assembly import Parts, build_parts, resolve_device, validate_plugins
+from eflow.bench.attention import failure_status, release_memory
+from eflow.bench.device_peak import device_name, mfu, peak_tflops
+from eflow.bench.grids import format_grid, grid_for_tokens, parse_grid, parse_token_count, split_list
+from eflow.bench.timing import Timing
 from eflow.condition import Condition
-from eflow.config import RunConfig, build_config, parse_value
+from eflow.config import RunConfig, build_config, load_toml, parse_assignments, parse_value
 from eflow.errors import ConfigError, EflowError
 from eflow.model.presets import PRESETS
 from eflow.registry import get_registry
+from eflow.run_config import config_layer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # autocast dtype (weights stay fp32, as in training)
 TEXT_TOKENS = 512  # random text embeddings when the text encoder states no length (Wan 2.1 pads to 512)
 
+LADDER_FLAGS = {  # flag -> RunConfig field of the base config (size -> data.height, data.width)
+    "preset": "model.preset",
+    "frames": "data.frames",
+    "batch_size": "train.batch_size",
+    "autoencoder": "data.autoencoder",
+    "vae_path": "data.autoencoder_options.path",
+}
+
 Rung = TypeVar("Rung")
+Record = TypeVar("Record")
 
 
 # ----- rungs ---------------------------------------------------------------------------------------------
@@ -151,6 +171,27 @@ def base_config(layers: list[dict[str, Any]], grid: tuple[int, int, int] | None 
     return build_config(tree)
 
 
+def ladder_base(
+    config: str | Path | None,
+    flags: Mapping[str, Any],
+    overrides: list[str],
+    grid: str | None = None,
+    tokens: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The base config of a ladder: defaults -> run.toml `config` -> `extra` -> `flags` (LADDER_FLAGS and
+    size; None: not given) -> `overrides` (--set KEY=VALUE), on the clip of `grid` or `tokens` if given."""
+    ways = [flag for flag, value in (("--grid", grid), ("--tokens", tokens)) if value is not None]
+    if flags.get("frames") is not None or flags.get("size") is not None:
+        ways.append("--frames/--size")
+    if len(ways) > 1:
+        raise ConfigError(f"give the clip one way: {' or '.join(ways)}, not both")
+    clip = parse_grid(grid) if grid else grid_for_tokens(parse_token_count(tokens)) if tokens else None
+    layers = [load_toml(config)] if config is not None else []
+    layers += [extra or {}, config_layer(flags, LADDER_FLAGS), parse_assignments(overrides)]
+    return base_config(layers, clip)
+
+
 def clip_for_grid(cfg: RunConfig, grid: tuple[int, int, int]) -> tuple[int, int, int]:
     """(frames, height, width) pixels that the config's autoencoder and patch turn into token grid `grid`."""
     d = cfg.data
@@ -171,6 +212,133 @@ def check_parts(cfg: RunConfig) -> Parts:
 def token_grid(parts: Parts) -> tuple[int, int, int]:
     """The model's (T', H', W') token grid of one clip's latents."""
     return parts.model.token_grid((1, *parts.latent_shape))
+
+
+# ----- the spec and the run of a ladder ----------------------------------------------------------------
+class LadderSpec:
+    """What TrainLadderSpec and SampleLadderSpec share (dataclasses with base, rungs, warmup, device,
+    dtype, seed and timing fields of their own): the checks, the clip's layout, the recorded parameters."""
+
+    base: RunConfig
+    rungs: list[Any]
+    warmup: int
+    device: str
+    dtype: str  # autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32
+    seed: int
+
+    def config_of(self, rung: Any) -> RunConfig:
+        """The base config with the rung's settings."""
+        raise NotImplementedError
+
+    def limits(self) -> list[tuple[str, int, int]]:
+        """(flag, value, least allowed) of the spec's counts."""
+        raise NotImplementedError
+
+    def timing_parameters(self) -> dict[str, Any]:
+        """The batch and the counts as recorded in results.json (after the clip, before the device)."""
+        raise NotImplementedError
+
+    def validate(self) -> list[RunConfig]:
+        """Every rung's config, checked (names, options, the clip against the patch) before anything runs."""
+        if not self.rungs:
+            raise ConfigError("--rung: no rung given")
+        for flag, value, low in self.limits():
+            if value < low:
+                raise ConfigError(f"{flag} {value}: must be at least {low}")
+        configs = [self.config_of(rung) for rung in self.rungs]
+        for cfg in configs:
+            check_parts(cfg)
+        return configs
+
+    def layout(self) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
+        """(token grid, latent shape (c, t, h, w)) of one clip, the same for every rung."""
+        parts = check_parts(self.config_of(self.rungs[0]))
+        return token_grid(parts), parts.latent_shape
+
+    def parameters(self) -> dict[str, Any]:
+        """The ladder's settings as JSON-able values (recorded in results.json)."""
+        d = self.base.data
+        grid, latent_shape = self.layout()
+        return {
+            "preset": self.base.model.preset,
+            "grid": format_grid(grid),
+            "tokens": grid[0] * grid[1] * grid[2],
+            "clip": f"{d.frames}x{d.height}x{d.width}",
+            "latent_shape": list(latent_shape),
+            "autoencoder": d.autoencoder,
+            "condition": d.condition,
+            **self.timing_parameters(),
+            "device": self.device,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "rungs": [dataclasses.asdict(rung) for rung in self.rungs],
+        }
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The autocast dtype on `device` (as SweepSpec.torch_dtype: what results.json's environment names)."""
+        return autocast_dtype(self.dtype, device)
+
+    def hardware(self) -> tuple[torch.device, torch.dtype, float | None]:
+        """(device, autocast dtype, the device's dense peak TF/s at that dtype; None: not known)."""
+        device = resolve_device(self.device)
+        dtype = self.torch_dtype(device)
+        return device, dtype, peak_tflops(device_name(device), dtype)
+
+
+def rung_fields(
+    rung: Any, cfg: RunConfig, meta: Parts, batch: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    """The fields every ladder record starts with: rung, attention, preset, grid, tokens, batch, dtype,
+    device, params (of the rung's parts built on the meta device)."""
+    grid = token_grid(meta)
+    return {
+        "rung": rung.name,
+        "attention": cfg.model.attention,
+        "preset": cfg.model.preset,
+        "grid": format_grid(grid),
+        "tokens": grid[0] * grid[1] * grid[2],
+        "batch": batch,
+        "dtype": dtype_name(dtype),
+        "device": str(device),
+        "params": sum(p.numel() for p in meta.model.parameters()),
+    }
+
+
+def run_rungs(
+    spec: LadderSpec,
+    configs: list[RunConfig],
+    device: torch.device,
+    new_record: Callable[[Any, RunConfig, Parts], Record],
+    measure: Callable[[Any, RunConfig, Record], None],
+    finish: Callable[[Record, Record], None],
+    on_rung: Callable[[Any], None] | None = None,
+) -> Iterator[Record]:
+    """Per rung, in order: on_rung(rung), new_record(rung, config, meta parts), a Dynamo reset, measure
+    (an exception becomes the record's status and the ladder goes on), the device's memory released,
+    finish(record, the first rung's record) (speed-ups); then the record is yielded."""
+    first: Record | None = None
+    for rung, cfg in zip(spec.rungs, configs, strict=True):
+        if on_rung is not None:
+            on_rung(rung)
+        record = new_record(rung, cfg, check_parts(cfg))
+        torch._dynamo.reset()  # each rung compiles afresh, as its own `eflow train` / `eflow sample` would
+        try:
+            measure(rung, cfg, record)
+        except Exception as err:
+            record.status = failure_status(err)
+        release_memory(device)
+        first = record if first is None else first
+        finish(record, first)
+        yield record
+
+
+def fill_throughput(record: Any, seconds: float, timing: Timing, peak: float | None) -> None:
+    """record.tflops (record.flops over `seconds`), record.mfu against `peak` and record.peak_gb (the CUDA
+    peak allocated during the timed calls)."""
+    record.tflops = record.flops / seconds / 1e12 if record.flops and seconds > 0 else None
+    record.mfu = mfu(record.flops, seconds, peak)
+    if timing.peak_bytes is not None:
+        record.peak_gb = timing.peak_bytes / 1e9
 
 
 # ----- inputs, dtype, results -------------------------------------------------------------------------

@@ -14,12 +14,32 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from eflow.errors import EflowError
+
 PLOT_NAME = "attention.png"
 DROP_STYLES = ("--", ":", "-.")  # dropped-token runs, in order of increasing drop ratio
 
 
 def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_name(document: dict[str, Any]) -> str:
+    """The PNG name of a results document: attention.png, train_ladder.png or sample_ladder.png."""
+    from eflow.bench.ladder_plot import PLOT_NAMES
+
+    return PLOT_NAMES.get(document.get("benchmark"), PLOT_NAME)
+
+
+def draw_plot(document: dict[str, Any], path: Path) -> Path:
+    """Draw any results document (an attention sweep's latency plot, a ladder's bar chart) at `path`."""
+    from eflow.bench.ladder_plot import PLOT_NAMES, draw_ladder_plot
+
+    draw = draw_ladder_plot if document.get("benchmark") in PLOT_NAMES else draw_latency_plot
+    try:
+        return draw(document, path)
+    except OSError as err:
+        raise EflowError(f"cannot write the plot {path}: {err.strerror or err}") from None
 
 
 def plot_title(document: dict[str, Any]) -> str:

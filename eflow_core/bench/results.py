@@ -3,7 +3,7 @@
 results.json = {"benchmark": "attention", "environment": {device name, torch, CUDA, cuDNN, Python,
 eflow version, date (UTC), command line, ...}, "parameters": {the sweep spec}, "results": [one object
 per cell]}. results.csv holds the same records, one row per cell, options as a JSON string. Both are
-rewritten after every cell, so an interrupted sweep keeps what it measured.
+rewritten after every cell (`collect_results`), so an interrupted sweep keeps what it measured.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import datetime
 import json
 import os
 import platform
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,33 @@ def environment(device: torch.device, dtype: torch.dtype, command: str) -> dict[
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
+
+
+def spec_environment(spec: Any, command: str) -> dict[str, Any]:
+    """The environment of a spec's run: its device (spec.device resolved) and dtype (spec.torch_dtype)."""
+    from eflow.assembly import resolve_device
+
+    device = resolve_device(spec.device)
+    return environment(device, spec.torch_dtype(device), command)
+
+
+def collect_results(
+    out: Path,
+    benchmark: str,
+    env: dict[str, Any],
+    parameters: dict[str, Any],
+    records: Iterable[Any],
+    on_record: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Take the records (dataclasses) as they come, rewriting results.json and results.csv in `out` after
+    each (then on_record()); the results document of them all."""
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        rows.append(asdict(record))
+        write_results(out, benchmark, env, parameters, rows)
+        if on_record is not None:
+            on_record()
+    return {"benchmark": benchmark, "environment": env, "parameters": parameters, "results": rows}
 
 
 def write_results(

@@ -33,26 +33,14 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from eflow.assembly import build_parts, resolve_device
+from eflow.assembly import Parts, build_parts
+from eflow.bench import ladder
 from eflow.bench.attention import failure_status, release_memory
-from eflow.bench.device_peak import device_name, mfu, peak_tflops
-from eflow.bench.grids import format_grid
-from eflow.bench.ladder import (
-    autocast_dtype,
-    check_parts,
-    condition_tokens,
-    dtype_name,
-    random_condition,
-    rung_config,
-    set_plugin,
-    speedup,
-    token_grid,
-)
 from eflow.bench.model_flops import forward_flops
 from eflow.bench.timing import Timing, time_calls
 from eflow.config import RunConfig
@@ -87,17 +75,22 @@ RUNG_KEYS = {"attn": "attention", "sampler": "sampler", "steps": "steps", "guida
 DEFAULT_RUNG = SampleRung("custom")
 
 
+def sample_rungs(values: list[str] | None) -> list[SampleRung]:
+    """--rung values -> rungs: names of SAMPLE_RUNGS (comma-separated), or one custom rung as KEY=VALUE pairs."""
+    return ladder.parse_rungs(values, SAMPLE_RUNGS, RUNG_KEYS, DEFAULT_RUNG)
+
+
 def sample_rung_config(base: RunConfig, rung: SampleRung) -> RunConfig:
     """The base config with the rung's attention, sampler, steps and guidance."""
     tree = base.model_dump(mode="json")
-    set_plugin(tree["model"], "attention", "attention_options", rung.attention)
+    ladder.set_plugin(tree["model"], "attention", "attention_options", rung.attention)
     sample = tree["sample"]
     if sampler_name(base) != rung.sampler:
         sample["sampler_options"] = {}
     sample["sampler"], sample["steps"] = rung.sampler, rung.steps
     if rung.guidance is not None:
         sample["guidance"] = rung.guidance
-    return rung_config(base, rung.name, tree)
+    return ladder.rung_config(base, rung.name, tree)
 
 
 @contextmanager
@@ -125,8 +118,23 @@ def random_autoencoder(name: str) -> Iterator[dict[str, Any]]:
         yield {"path": folder, "subfolder": ""}
 
 
+@contextmanager
+def random_vae_layer(
+    random_vae: bool, autoencoder: str | None, vae_path: str | None
+) -> Iterator[dict[str, Any] | None]:
+    """The base-config layer of --random-vae: data.autoencoder_options of a random-weight `autoencoder`
+    (random_autoencoder; valid inside the block), or None without --random-vae."""
+    if not random_vae:
+        yield None
+        return
+    if vae_path is not None:
+        raise ConfigError("--random-vae and --vae-path contradict each other; pass one")
+    with random_autoencoder(autoencoder or "pixel") as options:
+        yield {"data": {"autoencoder_options": options}}
+
+
 @dataclass
-class SampleLadderSpec:
+class SampleLadderSpec(ladder.LadderSpec):
     """What to run: rungs on top of one base config, and how to time them."""
 
     base: RunConfig
@@ -138,47 +146,14 @@ class SampleLadderSpec:
     dtype: str = "auto"  # autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32
     seed: int = 0
 
-    def validate(self) -> list[RunConfig]:
-        """Every rung's config, checked (names, options, the clip against the patch) before anything runs."""
-        if not self.rungs:
-            raise ConfigError("--rung: no rung given")
-        for flag, value, low in (
-            ("--batch-size", self.batch, 1),
-            ("--repeats", self.repeats, 1),
-            ("--warmup", self.warmup, 0),
-        ):
-            if value < low:
-                raise ConfigError(f"{flag} {value}: must be at least {low}")
-        configs = [sample_rung_config(self.base, rung) for rung in self.rungs]
-        for cfg in configs:
-            check_parts(cfg)
-        return configs
+    def config_of(self, rung: SampleRung) -> RunConfig:
+        return sample_rung_config(self.base, rung)
 
-    def layout(self) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
-        """(token grid, latent shape (c, t, h, w)) of one clip, the same for every rung."""
-        parts = check_parts(sample_rung_config(self.base, self.rungs[0]))
-        return token_grid(parts), parts.latent_shape
+    def limits(self) -> list[tuple[str, int, int]]:
+        return [("--batch-size", self.batch, 1), ("--repeats", self.repeats, 1), ("--warmup", self.warmup, 0)]
 
-    def parameters(self) -> dict[str, Any]:
-        """The ladder's settings as JSON-able values (recorded in results.json)."""
-        d = self.base.data
-        grid, latent_shape = self.layout()
-        return {
-            "preset": self.base.model.preset,
-            "grid": format_grid(grid),
-            "tokens": grid[0] * grid[1] * grid[2],
-            "clip": f"{d.frames}x{d.height}x{d.width}",
-            "latent_shape": list(latent_shape),
-            "autoencoder": d.autoencoder,
-            "condition": d.condition,
-            "batch": self.batch,
-            "repeats": self.repeats,
-            "warmup": self.warmup,
-            "device": self.device,
-            "dtype": self.dtype,
-            "seed": self.seed,
-            "rungs": [asdict(rung) for rung in self.rungs],
-        }
+    def timing_parameters(self) -> dict[str, Any]:
+        return {"batch": self.batch, "repeats": self.repeats, "warmup": self.warmup}
 
 
 @dataclass
@@ -241,7 +216,7 @@ def measure(
     cfg: RunConfig, spec: SampleLadderSpec, device: torch.device, record: SampleRecord, peak: float | None
 ) -> None:
     """Build the rung's model (seeded), time its sampler from noise to latents and fill `record`."""
-    dtype = autocast_dtype(spec.dtype, device)
+    dtype = spec.torch_dtype(device)
     torch.manual_seed(spec.seed)
     parts = build_parts(cfg, with_dataset=False)
     model = parts.model.to(device).eval()
@@ -249,7 +224,7 @@ def measure(
     generator = torch.Generator().manual_seed(spec.seed)
     batch = spec.batch
     noise = torch.randn((batch, *parts.latent_shape), generator=generator).to(device)
-    cond = random_condition(parts, batch, generator).to(device)
+    cond = ladder.random_condition(parts, batch, generator).to(device)
     s = cfg.sample
 
     @torch.no_grad()
@@ -263,13 +238,11 @@ def measure(
     record.diffusion_s = timing.median_ms / 1e3
     record.diffusion_min_s, record.diffusion_max_s = timing.min_ms / 1e3, timing.max_ms / 1e3
     record.first_call_s = None if timing.first_call_ms is None else timing.first_call_ms / 1e3
-    forward = forward_flops(model, token_grid(parts), None, "full", condition_tokens(cond)).total
+    forward = forward_flops(
+        model, ladder.token_grid(parts), None, "full", ladder.condition_tokens(cond)
+    ).total
     record.flops = None if forward is None else forward * record.nfe * batch
-    seconds = record.diffusion_s
-    record.tflops = record.flops / seconds / 1e12 if record.flops and seconds > 0 else None
-    record.mfu = mfu(record.flops, seconds, peak)
-    if timing.peak_bytes is not None:
-        record.peak_gb = timing.peak_bytes / 1e9
+    ladder.fill_throughput(record, record.diffusion_s, timing, peak)
 
 
 def run_sample_ladder(
@@ -277,9 +250,7 @@ def run_sample_ladder(
 ) -> Iterator[SampleRecord]:
     """Yield one SampleRecord per rung, in order (the decode is timed first); failures become statuses."""
     configs = spec.validate()
-    device = resolve_device(spec.device)
-    dtype = autocast_dtype(spec.dtype, device)
-    peak = peak_tflops(device_name(device), dtype)
+    device, dtype, peak = spec.hardware()
     notify = on_start or (lambda what: None)
     notify(f"decode ({spec.base.data.autoencoder})")
     decode_s, decode_status = None, ""
@@ -288,37 +259,27 @@ def run_sample_ladder(
     except Exception as err:
         decode_status = failure_status(err)
     release_memory(device)
-    first: SampleRecord | None = None
-    for rung, cfg in zip(spec.rungs, configs, strict=True):
-        notify(rung.name)
-        meta = check_parts(cfg)
-        grid = token_grid(meta)
-        record = SampleRecord(
-            rung=rung.name,
-            attention=cfg.model.attention,
+
+    def new_record(rung: SampleRung, cfg: RunConfig, meta: Parts) -> SampleRecord:
+        return SampleRecord(
+            **ladder.rung_fields(rung, cfg, meta, spec.batch, dtype, device),
             sampler=cfg.sample.sampler,
             steps=cfg.sample.steps,
             guidance=cfg.sample.guidance,
-            preset=cfg.model.preset,
-            grid=format_grid(grid),
-            tokens=grid[0] * grid[1] * grid[2],
-            batch=spec.batch,
-            dtype=dtype_name(dtype),
-            device=str(device),
             autoencoder=cfg.data.autoencoder,
-            params=sum(p.numel() for p in meta.model.parameters()),
             decode_s=decode_s,
             note=f"decode: {decode_status}" if decode_status else "",
         )
-        torch._dynamo.reset()  # each rung compiles afresh, as its own `eflow sample` process would
-        try:
-            measure(cfg, spec, device, record, peak)
-        except Exception as err:
-            record.status = failure_status(err)
-        release_memory(device)
+
+    def finish(record: SampleRecord, first: SampleRecord) -> None:
         if record.diffusion_s is not None and decode_s is not None:
             record.e2e_s = record.diffusion_s + decode_s
-        first = first or record
-        record.speedup = speedup(record.diffusion_s, first.diffusion_s, higher_is_better=False)
-        record.e2e_speedup = speedup(record.e2e_s, first.e2e_s, higher_is_better=False)
-        yield record
+        record.speedup = ladder.speedup(record.diffusion_s, first.diffusion_s, higher_is_better=False)
+        record.e2e_speedup = ladder.speedup(record.e2e_s, first.e2e_s, higher_is_better=False)
+
+    def measure_rung(rung: SampleRung, cfg: RunConfig, record: SampleRecord) -> None:
+        measure(cfg, spec, device, record, peak)  # the module's measure, looked up at call time
+
+    yield from ladder.run_rungs(
+        spec, configs, device, new_record, measure_rung, finish, lambda rung: notify(rung.name)
+    )

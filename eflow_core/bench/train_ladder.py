@@ -38,27 +38,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from eflow.assembly import Parts, build_parts, resolve_device
-from eflow.bench.attention import failure_status, release_memory
-from eflow.bench.device_peak import device_name, mfu, peak_tflops
-from eflow.bench.grids import format_grid
-from eflow.bench.ladder import (
-    autocast_dtype,
-    check_parts,
-    condition_tokens,
-    dtype_name,
-    random_condition,
-    rung_config,
-    set_plugin,
-    speedup,
-    token_grid,
-)
+from eflow.assembly import Parts, build_parts
+from eflow.bench import ladder
 from eflow.bench.model_flops import BACKWARD_FACTOR, forward_flops
 from eflow.bench.timing import time_calls
 from eflow.condition import Condition
@@ -109,6 +96,11 @@ RUNG_KEYS = {  # --rung KEY=VALUE key -> TrainRung field
 DEFAULT_RUNG = TrainRung("custom")  # what a custom rung without base= starts from
 
 
+def train_rungs(values: list[str] | None) -> list[TrainRung]:
+    """--rung values -> rungs: names of TRAIN_RUNGS (comma-separated), or one custom rung as KEY=VALUE pairs."""
+    return ladder.parse_rungs(values, TRAIN_RUNGS, RUNG_KEYS, DEFAULT_RUNG)
+
+
 def train_rung_config(base: RunConfig, rung: TrainRung) -> RunConfig:
     """The base config with the rung's attention, objective (+ mva) and a single token-drop stage.
 
@@ -116,24 +108,24 @@ def train_rung_config(base: RunConfig, rung: TrainRung) -> RunConfig:
     fit); the same plugin keeps the base's options (e.g. the recipe's fm_ratio, r0, sprint group).
     """
     tree = base.model_dump(mode="json")
-    set_plugin(tree["model"], "attention", "attention_options", rung.attention)
+    ladder.set_plugin(tree["model"], "attention", "attention_options", rung.attention)
     objective = tree["objective"]
-    set_plugin(objective, "name", "options", rung.objective)
+    ladder.set_plugin(objective, "name", "options", rung.objective)
     entry = get_registry("objective").get(rung.objective)
     if entry.options is not None and "mva" in entry.options.model_fields:
         objective["options"]["mva"] = rung.mva
     elif rung.mva:
         raise ConfigError(f"rung '{rung.name}': objective '{rung.objective}' has no MVA term (mva=true)")
     drop = tree["token_drop"]
-    set_plugin(drop, "name", "options", rung.token_drop or drop["name"])
+    ladder.set_plugin(drop, "name", "options", rung.token_drop or drop["name"])
     share = rung.mva_share if rung.mva else 0.0
     drop["stages"] = [{"start": 0.0, "end": 1.0, "drop_ratio": rung.drop, "mva_share": share}]
-    return rung_config(base, rung.name, tree)
+    return ladder.rung_config(base, rung.name, tree)
 
 
 @dataclass
-class TrainLadderSpec:
-    """What to run: rungs on top of one base config, and how to time them."""
+class TrainLadderSpec(ladder.LadderSpec):
+    """What to run: rungs on top of one base config, and how to time them (the batch: the base config's)."""
 
     base: RunConfig
     rungs: list[TrainRung]
@@ -143,43 +135,14 @@ class TrainLadderSpec:
     dtype: str = "auto"  # autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32
     seed: int = 0
 
-    def validate(self) -> list[RunConfig]:
-        """Every rung's config, checked (names, options, the clip against the patch) before anything runs."""
-        if not self.rungs:
-            raise ConfigError("--rung: no rung given")
-        for flag, value, low in (("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
-            if value < low:
-                raise ConfigError(f"{flag} {value}: must be at least {low}")
-        configs = [train_rung_config(self.base, rung) for rung in self.rungs]
-        for cfg in configs:
-            check_parts(cfg)
-        return configs
+    def config_of(self, rung: TrainRung) -> RunConfig:
+        return train_rung_config(self.base, rung)
 
-    def layout(self) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
-        """(token grid, latent shape (c, t, h, w)) of one clip, the same for every rung."""
-        parts = check_parts(train_rung_config(self.base, self.rungs[0]))
-        return token_grid(parts), parts.latent_shape
+    def limits(self) -> list[tuple[str, int, int]]:
+        return [("--steps", self.steps, 1), ("--warmup", self.warmup, 0)]
 
-    def parameters(self) -> dict[str, Any]:
-        """The ladder's settings as JSON-able values (recorded in results.json)."""
-        d = self.base.data
-        grid, latent_shape = self.layout()
-        return {
-            "preset": self.base.model.preset,
-            "grid": format_grid(grid),
-            "tokens": grid[0] * grid[1] * grid[2],
-            "clip": f"{d.frames}x{d.height}x{d.width}",
-            "latent_shape": list(latent_shape),
-            "autoencoder": d.autoencoder,
-            "condition": d.condition,
-            "batch": self.base.train.batch_size,
-            "steps": self.steps,
-            "warmup": self.warmup,
-            "device": self.device,
-            "dtype": self.dtype,
-            "seed": self.seed,
-            "rungs": [asdict(rung) for rung in self.rungs],
-        }
+    def timing_parameters(self) -> dict[str, Any]:
+        return {"batch": self.base.train.batch_size, "steps": self.steps, "warmup": self.warmup}
 
 
 @dataclass
@@ -291,7 +254,7 @@ def prepare(
     stage = cfg.token_drop.stages[0]
     generator = torch.Generator().manual_seed(spec.seed)
     x0 = torch.randn((t.batch_size, *parts.latent_shape), generator=generator).to(device)
-    cond = random_condition(parts, t.batch_size, generator).to(device)
+    cond = ladder.random_condition(parts, t.batch_size, generator).to(device)
     state = TrainState(
         rung=rung,
         model=model,
@@ -303,7 +266,7 @@ def prepare(
         mva_share=stage.mva_share,
         x0=x0,
         cond=cond,
-        dtype=autocast_dtype(spec.dtype, device),
+        dtype=spec.torch_dtype(device),
         grad_clip=t.grad_clip,
         total_steps=t.steps,
         seed=spec.seed,
@@ -314,11 +277,11 @@ def prepare(
 
 def step_flops(state: TrainState, parts: Parts, steps: int) -> tuple[float | None, dict[str, float], int]:
     """(model FLOPs per step, passes per sample and step by kind, kept tokens) of the recorded calls."""
-    grid = token_grid(parts)
+    grid = ladder.token_grid(parts)
     keep = None
     if state.drop > 0:
         keep = state.token_drop.select(grid, 1, state.drop, torch.Generator().manual_seed(state.seed))
-    text = condition_tokens(state.cond)
+    text = ladder.condition_tokens(state.cond)
     per_path = {path: forward_flops(state.model, grid, keep, path, text).total for path in ("full", "weak")}
     batch = state.x0.shape[0]
     passes = dict.fromkeys(PASS_KINDS, 0.0)
@@ -359,11 +322,7 @@ def measure(
     record.it_s = 1e3 / timing.median_ms if timing.median_ms > 0 else None
     record.samples_s = record.it_s * record.batch if record.it_s else None
     record.flops, record.passes, record.kept = step_flops(state, parts, spec.steps)
-    seconds = timing.median_ms * 1e-3
-    record.tflops = record.flops / seconds / 1e12 if record.flops and seconds > 0 else None
-    record.mfu = mfu(record.flops, seconds, peak)
-    if timing.peak_bytes is not None:
-        record.peak_gb = timing.peak_bytes / 1e9
+    ladder.fill_throughput(record, timing.median_ms * 1e-3, timing, peak)
 
 
 def run_train_ladder(
@@ -371,44 +330,27 @@ def run_train_ladder(
 ) -> Iterator[TrainRecord]:
     """Yield one TrainRecord per rung, in order; failures become statuses and the ladder goes on."""
     configs = spec.validate()
-    device = resolve_device(spec.device)
-    dtype = autocast_dtype(spec.dtype, device)
-    peak = peak_tflops(device_name(device), dtype)
-    notify = on_start or (lambda rung: None)
-    first_it_s: float | None = None
-    for index, (rung, cfg) in enumerate(zip(spec.rungs, configs, strict=True)):
-        notify(rung)
-        meta = check_parts(cfg)
-        grid = token_grid(meta)
+    device, dtype, peak = spec.hardware()
+
+    def new_record(rung: TrainRung, cfg: RunConfig, meta: Parts) -> TrainRecord:
+        fields = ladder.rung_fields(rung, cfg, meta, cfg.train.batch_size, dtype, device)
         stage = cfg.token_drop.stages[0]
-        record = TrainRecord(
-            rung=rung.name,
-            attention=cfg.model.attention,
+        return TrainRecord(
+            **fields,
             objective=cfg.objective.name,
             mva_share=stage.mva_share if cfg.objective.options.get("mva") else 0.0,  # refined below
             drop=stage.drop_ratio,
             token_drop=cfg.token_drop.name,
-            preset=cfg.model.preset,
-            grid=format_grid(grid),
-            tokens=grid[0] * grid[1] * grid[2],
-            kept=grid[0] * grid[1] * grid[2],
-            batch=cfg.train.batch_size,
-            dtype=dtype_name(dtype),
-            device=str(device),
-            params=sum(p.numel() for p in meta.model.parameters()),
+            kept=fields["tokens"],
         )
-        state = parts = None
-        torch._dynamo.reset()  # each rung compiles afresh, as its own `eflow train` process would
-        try:
-            state, parts = prepare(cfg, rung, spec, device)
-            record.drop = state.drop
-            record.mva_share = state.objective.effective_mva_share(state.mva_share)
-            measure(state, parts, spec, device, record, peak)
-        except Exception as err:
-            record.status = failure_status(err)
-        state = parts = None
-        release_memory(device)
-        if index == 0:
-            first_it_s = record.it_s
-        record.speedup = speedup(record.it_s, first_it_s)
-        yield record
+
+    def measure_rung(rung: TrainRung, cfg: RunConfig, record: TrainRecord) -> None:
+        state, parts = prepare(cfg, rung, spec, device)
+        record.drop = state.drop
+        record.mva_share = state.objective.effective_mva_share(state.mva_share)
+        measure(state, parts, spec, device, record, peak)
+
+    def finish(record: TrainRecord, first: TrainRecord) -> None:
+        record.speedup = ladder.speedup(record.it_s, first.it_s)
+
+    yield from ladder.run_rungs(spec, configs, device, new_record, measure_rung, finish, on_start)
