@@ -6,7 +6,18 @@ import sys
 
 import typer
 
-from eflow.cli import bench_cmd, data_cmd, eval_cmd, model_cmd, plugins_cmd, sample, train
+from eflow.cli import (
+    bench_cmd,
+    data_cmd,
+    distill_cmd,
+    eval_cmd,
+    model_cmd,
+    plot_cmd,
+    plugins_cmd,
+    repro_cmd,
+    sample,
+    train,
+)
 
 app = typer.Typer(
     name="eflow",
@@ -16,7 +27,18 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (train, sample, plugins_cmd, model_cmd, data_cmd, bench_cmd, eval_cmd):
+for module in (
+    train,
+    sample,
+    plugins_cmd,
+    model_cmd,
+    data_cmd,
+    bench_cmd,
+    eval_cmd,
+    distill_cmd,
+    repro_cmd,
+    plot_cmd,
+):
     module.register(app)
 
 

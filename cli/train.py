@@ -130,6 +130,13 @@ def register(app: typer.Typer) -> None:
         preview_every: Annotated[
             int | None, typer.Option(help="sample preview every n steps", rich_help_panel=RUN)
         ] = None,
+        track: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="mirror metrics and previews to tensorboard and/or wandb (repeat, or a,b)",
+                rich_help_panel=RUN,
+            ),
+        ] = None,
         resume: Annotated[
             bool, typer.Option("--resume", help="continue the run in --out", rich_help_panel=RUN)
         ] = False,
@@ -154,10 +161,17 @@ def register(app: typer.Typer) -> None:
         """Train a video DiT (default: the EFlow recipe: GLGA, PDG-SFM + MVA, SPRINT 75% drop for 80% of steps)."""
         given = locals()
         flags = {name: given[name] for name in CONFIG_FLAGS}
+        # --track tensorboard,wandb = --track tensorboard --track wandb; not given: None, not []
+        flags["track"] = (
+            [n.strip() for names in track for n in names.split(",") if n.strip()] if track else None
+        )
         from eflow.train.trainer import Trainer
 
         with user_errors():
-            cfg = resolve_run_config(config, flags, set_, resume=resume)
+            notes: list[str] = []
+            cfg = resolve_run_config(config, flags, set_, resume=resume, notes=notes)
+            for note in notes:
+                err_console.print(f"[cyan]note:[/] {note}", highlight=False)
             if print_config:
                 typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
                 return

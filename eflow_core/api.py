@@ -37,6 +37,8 @@ from eflow.data.latent_shards import LatentShards
 from eflow.data.readers import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from eflow.data.text_cache import CaptionCache
 from eflow.data.video_io import write_grid_png, write_mp4
+from eflow.distill.capture import AttentionRecorder
+from eflow.distill.teacher import Teacher, guided_velocity, load_teacher
 from eflow.errors import ConfigError, EflowError
 from eflow.eval.classifier import classifier_path, load_classifier, resolve_dataset_options
 from eflow.eval.extractor import file_sha256, to_unit_range
@@ -52,7 +54,7 @@ from eflow.model.tokens import TokenContext
 from eflow.network import expand_like, solution_map
 from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo
 from eflow.registry import format_validation_error, get_registry, hookimpl
-from eflow.sampler import Sampler
+from eflow.sampler import Sampler, StepCallback, takes_callback
 from eflow.text_encoding import Dtype, LocalTransformerEncoder, require_transformers, words
 from eflow.text_file import read_utf8
 from eflow.timesteps import (
@@ -65,6 +67,7 @@ from eflow.timesteps import (
     sample_mva_triplets,
     sample_scm_times,
     sampling_schedule,
+    shift_time,
 )
 from eflow.token_drop import TokenDrop
 
@@ -77,7 +80,8 @@ class Dataset(Protocol):
 
     Required: `__len__`, `__getitem__(i)` -> {"video": [C, T, H, W] float in [0, 1]} or pre-encoded
     {"latents": [c, t, h, w]}, plus "label" (int) for label-conditioned data or "caption" (str) or
-    "text"/"text_mask" (embeddings) for text-conditioned data.
+    "text"/"text_mask" (embeddings) for text-conditioned data. A dataset without labels registers with
+    the capability `labels=False`.
     Optional, read when present: `num_classes` (int), `classes` (names, index = label), `caption(i)`
     (a caption without decoding the clip), `check_run(autoencoder, latent_shape, text_encoder,
     text_dim)` (pre-encoded data refuses a run it does not fit), `image_indices` (items that are
@@ -158,6 +162,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "NULL_LABEL",
     "VIDEO_SUFFIXES",
+    "AttentionRecorder",
     "Autoencoder",
     "CaptionCache",
     "ClipDataset",
@@ -177,7 +182,9 @@ __all__ = [
     "RMSNorm",
     "Sampler",
     "SelfAttention",
+    "StepCallback",
     "StepInfo",
+    "Teacher",
     "TextEncoder",
     "TokenContext",
     "TokenDrop",
@@ -192,11 +199,13 @@ __all__ = [
     "flex",
     "format_validation_error",
     "get_registry",
+    "guided_velocity",
     "hookimpl",
     "intermediate_time",
     "l_ratio",
     "linear_attention_reference",
     "load_classifier",
+    "load_teacher",
     "logit_normal",
     "masked_attention",
     "mva_grid",
@@ -212,7 +221,9 @@ __all__ = [
     "sample_scm_times",
     "sampling_schedule",
     "selection_block_mask",
+    "shift_time",
     "solution_map",
+    "takes_callback",
     "to_unit_range",
     "topk_count",
     "window_mask",

@@ -228,6 +228,10 @@ class TrainSection(Section):
     workers: int | None = Field(
         None, ge=0, description="DataLoader worker processes; unset = auto (0 for procedural datasets)"
     )
+    track: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers mirroring metrics and previews: tensorboard, wandb",
+    )
 
     @field_validator("betas")
     @classmethod

@@ -11,6 +11,9 @@ Each source is a layer; a later layer wins, key by key (option tables merge per 
    from the config resolved so far (schedule_layer);
 6. --set KEY=VALUE pairs, in order (eflow.config.parse_assignments).
 
+When no source sets data.condition, it is "text" if a text encoder was chosen or the dataset declares
+that it has no labels (text_condition_reason), and the train command says so in a note.
+
 The result is validated as a whole, then every plugin name and options table is checked against the
 registries and written out in full (check_run_config).
 
@@ -26,6 +29,7 @@ from typing import Any
 
 from eflow.config import RunConfig, build_config, load_run_config, load_toml, parse_assignments, set_dotted
 from eflow.errors import ConfigError
+from eflow.train.trackers import tracker_names
 
 # `eflow train` flag -> the RunConfig field it sets (besides `size` and the schedule flags).
 TRAIN_FLAGS = {
@@ -53,6 +57,7 @@ TRAIN_FLAGS = {
     "keep": "train.keep_checkpoints",
     "preview_every": "train.preview_every",
     "threads": "train.threads",
+    "track": "train.track",
     "precision": "train.precision",
     "mva": "objective.options.mva",
     "ac": "parallel.ac",
@@ -142,6 +147,24 @@ def check_run_config(cfg: RunConfig) -> None:
         )
     validate_plugins(cfg)
     resolve_plugin_options(cfg)
+    cfg.train.track = tracker_names(cfg.train.track)  # known names, their packages installed
+
+
+def text_condition_reason(layers: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why data.condition must be "text" when no layer sets it: a text encoder was chosen, or the dataset
+    was registered with labels=False (a dataset capability); else None."""
+    data = [layer["data"] for layer in layers if isinstance(layer.get("data"), Mapping)]
+    if any("condition" in section for section in data):
+        return None
+    if any("text_encoder" in section for section in data):
+        return "a text encoder was chosen"
+    name = next((section["name"] for section in reversed(data) if "name" in section), RunConfig().data.name)
+    from eflow.registry import get_registry
+
+    datasets = get_registry("dataset")
+    if name in datasets and not datasets.get(name).capability("labels"):
+        return f"dataset '{name}' has no class labels"
+    return None
 
 
 def resolve_run_config(
@@ -150,10 +173,12 @@ def resolve_run_config(
     sets: Iterable[str] | None = None,
     *,
     resume: bool = False,
+    notes: list[str] | None = None,
 ) -> RunConfig:
     """defaults -> (saved config when resuming) -> run.toml -> flags -> schedule flags -> --set, validated
     and checked (check_run_config). `flags` by their `eflow train` names (TRAIN_FLAGS, size, SCHEDULE_FLAGS;
-    None = not given); `sets`: "section.field=value" pairs."""
+    None = not given); `sets`: "section.field=value" pairs. data.condition, when no source sets it, is
+    "text" if text_condition_reason finds one; `notes` (if given) gets a line saying so."""
     flags = dict(flags or {})
     unknown = sorted(set(flags) - set(TRAIN_FLAGS) - {SIZE_FLAG, *SCHEDULE_FLAGS})
     if unknown:
@@ -168,6 +193,11 @@ def resolve_run_config(
     base = build_config(*layers)
     layers.append(schedule_layer(base, *(flags.get(name) for name in SCHEDULE_FLAGS)))
     layers.append(parse_assignments(sets))
+    reason = text_condition_reason(layers)
+    if reason is not None:
+        layers.insert(0, {"data": {"condition": "text"}})  # under every source: none of them set it
+        if notes is not None:
+            notes.append(f"data.condition = text ({reason}; --condition label to override)")
     cfg = build_config(*layers)
     check_run_config(cfg)
     return cfg

@@ -48,6 +48,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("t5", "eflow.plugins.text_encoders.t5"),
     ("i3d", "eflow.plugins.feature_extractors.i3d"),
     ("indomain", "eflow.plugins.feature_extractors.indomain"),
+    ("mlcd", "eflow.plugins.objectives.mlcd"),
+    ("segment", "eflow.plugins.samplers.segment"),
 )
 
 HOOK_OF_KIND = {

@@ -42,6 +42,8 @@ CAPABILITIES: dict[str, dict[str, tuple[type, Any]]] = {
     "attention": {"hybrid": (bool, False)},
     # the sampler `eflow sample` uses for runs trained with this objective
     "objective": {"default_sampler": (str, "euler")},
+    # whether items carry class labels (False: captions only, so a run on it is text-conditioned)
+    "dataset": {"labels": (bool, True)},
 }
 
 

@@ -60,7 +60,7 @@ def one_error_line(result, *needles: str) -> None:
         (["--batch-size", "0"], "--batch-size 0"),
         (["--num", "0"], "--num 0"),
         (["--num", "65"], "--each"),
-        (["--sampler", "nope"], "choices: euler, solution"),
+        (["--sampler", "nope"], "unknown sampler 'nope'; choices: euler"),
     ],
 )
 def test_bad_sampling_flags_are_one_error_naming_the_flag_and_keep_earlier_samples(

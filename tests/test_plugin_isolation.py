@@ -1,7 +1,8 @@
-"""Plugins stand alone: no plugin imports another plugin's modules, nor the registry's private modules.
+"""Plugins stand alone: a plugin imports from eflow only the public surface `eflow.api`, never another
+plugin's modules nor any other eflow module.
 
 Code two plugins share belongs to the core (eflow.model.flex, eflow.model.block_sparse,
-eflow.text_encoding, ...). A plugin is a module named by an entry point of the `eflow` group in
+eflow.text_encoding, ...), re-exported by eflow.api. A plugin is a module named by an entry point of the `eflow` group in
 pyproject.toml; a plugin that is a package (token_drop) may import its own submodules. Every module
 under plugins/ is read with ast, never imported, so a violation is reported even where it would import.
 """
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
 PACKAGE = "eflow.plugins"  # what plugins/ installs as (pyproject.toml's package-dir)
 REGISTRY = "eflow.registry"  # the registry's public surface; its submodules are private
+API = "eflow.api"  # the one eflow module a plugin may import
 
 
 def module_name(path: Path) -> str:
@@ -82,6 +84,10 @@ def violations(source: str, module: str, is_package: bool = False) -> list[str]:
             problems.append(
                 f"{module} imports {target}: a private registry module; use `from {REGISTRY} import ...`"
             )
+        elif (target == "eflow" or target.startswith("eflow.")) and not (
+            target in (API, PACKAGE) or target.startswith(PACKAGE + ".")
+        ):
+            problems.append(f"{module} imports {target}: plugins import only `{API}` from eflow")
     return problems
 
 
@@ -121,7 +127,7 @@ def test_an_import_of_another_plugin_is_reported_naming_both(source, imported):
     ]
 
 
-def test_a_private_registry_import_is_reported_and_the_public_one_is_not():
+def test_a_private_registry_import_is_reported():
     private = violations(
         "from eflow.registry.registry import format_validation_error", "eflow.plugins.objectives.fm"
     )
@@ -129,14 +135,17 @@ def test_a_private_registry_import_is_reported_and_the_public_one_is_not():
         "eflow.plugins.objectives.fm imports eflow.registry.registry: a private registry module; "
         "use `from eflow.registry import ...`"
     ]
-    assert not violations(
-        "from eflow.registry import format_validation_error, hookimpl", "eflow.plugins.objectives.fm"
-    )
 
 
-def test_a_package_plugin_may_import_its_own_modules_and_the_core():
-    source = "from eflow.plugins.token_drop.none import NoDrop\nfrom eflow.token_drop import TokenDrop"
+def test_a_package_plugin_may_import_its_own_modules_and_eflow_api_only():
+    source = "from eflow.plugins.token_drop.none import NoDrop\nfrom eflow.api import TokenDrop"
     assert not violations(source, "eflow.plugins.token_drop", is_package=True)
-    assert not violations(
-        "from eflow.model import flex\nfrom eflow.text_encoding import words", "eflow.plugins.attention.glga"
+    assert not violations("from eflow.api import flex, words", "eflow.plugins.attention.glga")
+    core = violations(
+        "from eflow.model import flex\nimport eflow.registry\nfrom eflow import api",
+        "eflow.plugins.attention.glga",
     )
+    assert core == [
+        f"eflow.plugins.attention.glga imports {name}: plugins import only `eflow.api` from eflow"
+        for name in ("eflow.model", "eflow.registry", "eflow")
+    ]

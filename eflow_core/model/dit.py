@@ -78,11 +78,11 @@ class VideoDiT(nn.Module):
             DiTBlock(
                 dim,
                 spec.ffn_dim,
-                self._make_attention(name, attention_options if name == attention else softmax_options),
+                self._make_attention(name, attention_options if name == attention else softmax_options, i),
                 spec.heads,
                 cross_attention=spec.text_dim is not None,
             )
-            for name in self.block_attention
+            for i, name in enumerate(self.block_attention)
         ]
         n_enc, n_mid = spec.encoder_blocks, spec.middle_blocks
         self.encoder = nn.ModuleList(blocks[:n_enc])
@@ -95,14 +95,20 @@ class VideoDiT(nn.Module):
         self._rope_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()
 
-    def _make_attention(self, name: str, options: dict[str, Any] | BaseModel | None) -> nn.Module:
-        """A self-attention backend from the registry; GLGA-like backends get spec.window_frames by default."""
+    def _make_attention(
+        self, name: str, options: dict[str, Any] | BaseModel | None, block: int = 0
+    ) -> nn.Module:
+        """A self-attention backend from the registry for global block `block`; GLGA-like backends get
+        spec.window_frames by default, and a backend with an option `block` gets the block's index (to pick
+        its entry of per-block option lists, e.g. tile's searched masks)."""
         entry = get_registry("attention").get(name)
         if not isinstance(options, BaseModel):
             options = dict(options or {})
             fields = entry.options.model_fields if entry.options is not None else {}
             if "window_frames" in fields and "window_frames" not in options:
                 options["window_frames"] = self.spec.window_frames
+            if "block" in fields and "block" not in options:
+                options["block"] = block
         module = entry.create(self.spec.dim, self.spec.heads, options=options)
         module.registered_as = f"attention '{name}' (plugin '{entry.owner}')"  # named in shape errors
         return module

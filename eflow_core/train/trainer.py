@@ -56,6 +56,7 @@ from eflow.train.lr_schedule import learning_rate
 from eflow.train.metrics import MetricsLog
 from eflow.train.run_lock import RunLock
 from eflow.train.stop_signals import StopSignals
+from eflow.train.trackers import Trackers, open_trackers
 
 MEMORY_HINT = "--batch-size, --frames or --size"
 
@@ -121,6 +122,7 @@ class Trainer:
         self._batch_iter = None  # the loader's iterator, started at the first step run
         self._data_wait = 0.0  # seconds the last step waited for its batch
         self._aside: list[Path] = []  # overwritten runs' files, kept until the first new checkpoint
+        self.trackers = Trackers()  # --track: opened by the main rank when the loop starts
 
     # ----- setup ---------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -433,6 +435,7 @@ class Trainer:
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_grid_png(path, videos)
+        self.trackers.image(step - 1, "preview", path)  # at the index of the last step it shows
         return path
 
     def _preview_text(self, num: int) -> Condition:
@@ -467,6 +470,7 @@ class Trainer:
             with StopSignals() as stop:
                 return self._run(stop)
         finally:
+            self.trackers.close()
             lock.release()
 
     def _kept(self) -> str:
@@ -485,6 +489,9 @@ class Trainer:
             atomic_write_text(self.run_dir / CONFIG, cfg.to_json())
             self._write_labels()
         log = MetricsLog(self.run_dir / METRICS, self.start_step if self.resume else None) if main else None
+        if main:
+            config = cfg.model_dump(mode="json")
+            self.trackers = open_trackers(cfg.train.track, self.run_dir, self.start_step, config, self._warn)
         total = cfg.train.steps
         done = self.start_step
         last_loss = float("nan")
@@ -506,10 +513,11 @@ class Trainer:
                     done = step + 1  # steps applied
                     last_loss = record["loss"]
                     now = time.perf_counter()
-                    record.update(step=step, it_s=1.0 / max(now - t_last, 1e-9))
+                    record.update(step=step, it_s=1.0 / max(now - t_last, 1e-9), time=time.time())
                     t_last = now
                     if log is not None and (step % cfg.train.log_every == 0 or done == total):
                         log.write(record)
+                        self.trackers.log(step, record)
                     progress.update(task, completed=done, info=progress_info(record))
                     if any_rank(stop.received is not None, self.world, self.device) and done < total:
                         self.save(done)

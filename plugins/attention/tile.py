@@ -16,9 +16,15 @@ is O(M * (2w + 1 + R) H' W'): linear in the number of frames.
 Implementations: "reference" builds the M x M mask and calls SDPA (CPU); "flex" runs flex_attention
 (eflow.model.flex) with a block table built from each 128-token block's frame range (tile_block_mask,
 never M x M, once per forward), compiled on CUDA, eager on CPU (forward only).
+
+Per-layer masks: R and w may be lists with one entry per block in global order (Efficient-vDiT
+searches the mask of every layer, Algorithm 1; `eflow distill tiles` writes such lists); the model
+passes each module its block index through the option `block`, which picks the entry.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from eflow.model import flex
-from eflow.model.attention_reference import dense_attention
-from eflow.model.self_attention import SelfAttention
-from eflow.model.tokens import TokenContext
-from eflow.registry import hookimpl
+from eflow.api import EflowError, SelfAttention, TokenContext, dense_attention, flex, hookimpl
+
+Count = Annotated[int, Field(ge=0)]  # a frame count (R or w)
 
 
 class TileOptions(BaseModel):
@@ -38,17 +42,40 @@ class TileOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reference_frames: int = Field(
-        1, ge=0, description="R: every query also attends to the kept tokens of the first R latent frames."
+    reference_frames: Count | list[Count] = Field(
+        1,
+        description="R: every query also attends to the kept tokens of the first R latent frames; a list "
+        "gives one R per block (global order), as `eflow distill tiles` writes.",
     )
-    frame_window: int = Field(
-        0, ge=0, description="w: a query attends to the frames within w of its own (0 = its own frame only)."
+    frame_window: Count | list[Count] = Field(
+        0,
+        description="w: a query attends to the frames within w of its own (0 = its own frame only); a list "
+        "gives one w per block.",
     )
     impl: flex.Impl = Field(
         "auto",
         description="'reference' (dense masked SDPA), 'flex' (block-sparse flex_attention), 'auto' (flex on "
         "CUDA, reference on CPU). flex on CPU runs eagerly, forward only (tests).",
     )
+    block: int | None = Field(
+        None, ge=0, description="the module's global block index, filled in by the model; picks list entries"
+    )
+
+
+def for_block(value: int | list[int], block: int | None, name: str) -> int:
+    """An option's value in global block `block`: the value itself, or its entry of a per-block list."""
+    if isinstance(value, int):
+        return value
+    if block is None:
+        raise EflowError(
+            f"tile option {name} = {value} is a per-block list; build the module with block=INDEX"
+        )
+    if block >= len(value):
+        raise EflowError(
+            f"model.attention_options.{name} lists {len(value)} blocks but the model has block {block}; "
+            "give one entry per block"
+        )
+    return value[block]
 
 
 def tile_mask(index: Tensor, tokens_per_frame: int, reference_frames: int, frame_window: int) -> Tensor:
@@ -136,17 +163,18 @@ class TileAttention(SelfAttention):
         self,
         dim: int,
         num_heads: int,
-        reference_frames: int = 1,
-        frame_window: int = 0,
+        reference_frames: int | list[int] = 1,
+        frame_window: int | list[int] = 0,
         impl: flex.Impl = "auto",
+        block: int | None = None,
     ):
         super().__init__(dim, num_heads)
-        opts = TileOptions(reference_frames=reference_frames, frame_window=frame_window, impl=impl)
-        self.reference_frames, self.frame_window, self.impl = (
-            opts.reference_frames,
-            opts.frame_window,
-            opts.impl,
+        opts = TileOptions(
+            reference_frames=reference_frames, frame_window=frame_window, impl=impl, block=block
         )
+        self.reference_frames = for_block(opts.reference_frames, opts.block, "reference_frames")
+        self.frame_window = for_block(opts.frame_window, opts.block, "frame_window")
+        self.impl = opts.impl
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         pattern = (ctx.tokens_per_frame, self.reference_frames, self.frame_window)

@@ -154,4 +154,5 @@ def register_datasets(register):
         CaptionsDataset,
         summary="captioned clips (videos or images) from a JSONL or CSV manifest",
         options=CaptionsOptions,
+        labels=False,  # captions only: runs on it are text-conditioned
     )

@@ -13,10 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from eflow.condition import Condition
-from eflow.registry import hookimpl
-from eflow.sampler import Sampler
-from eflow.timesteps import sampling_schedule
+from eflow.api import Condition, Sampler, StepCallback, hookimpl, sampling_schedule
 
 
 class EulerOptions(BaseModel):
@@ -41,8 +38,10 @@ class EulerSampler(Sampler):
         steps: int,
         guidance: float | None = None,
         generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
     ) -> Tensor:
-        """noise [B, C, T, H, W] at t = 1 -> latents at t = 0 (deterministic: `generator` is unused)."""
+        """noise [B, C, T, H, W] at t = 1 -> latents at t = 0 (deterministic: `generator` is unused);
+        `callback(i, steps, x)` after step i."""
         times = sampling_schedule(steps, self.shift)
         b = noise.shape[0]
         tdtype = torch.promote_types(noise.dtype, torch.float32)  # times stay >= float32
@@ -51,7 +50,7 @@ class EulerSampler(Sampler):
         use_u = guidance is not None and guidance != 1
         both = Condition.cat([cond, cond.null()]) if use_c and use_u else None
         x, self.last_nfe = noise, 0
-        for t_now, t_next in itertools.pairwise(times.tolist()):
+        for i, (t_now, t_next) in enumerate(itertools.pairwise(times.tolist())):
             t = torch.full((b,), t_now, device=noise.device, dtype=tdtype)
             if both is not None:
                 v_c, v_u = model(
@@ -63,6 +62,8 @@ class EulerSampler(Sampler):
                 v = model(x, t, t, cond if use_c else cond.null(), zeros, path="full")
                 self.last_nfe += 1
             x = x + (t_next - t_now) * v
+            if callback is not None:
+                callback(i, steps, x)
         return x
 
 

@@ -13,11 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from eflow.condition import Condition
-from eflow.network import solution_map
-from eflow.registry import hookimpl
-from eflow.sampler import Sampler
-from eflow.timesteps import randn_like, sampling_schedule
+from eflow.api import Condition, Sampler, StepCallback, hookimpl, randn_like, sampling_schedule, solution_map
 
 
 class SolutionOptions(BaseModel):
@@ -40,14 +36,16 @@ class SolutionSampler(Sampler):
         steps: int,
         guidance: float | None = 4.0,
         generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
     ) -> Tensor:
-        """noise [B, C, T, H, W] at t = 1 -> latents; `generator` draws the re-noising noise."""
+        """noise [B, C, T, H, W] at t = 1 -> latents; `generator` draws the re-noising noise;
+        `callback(i, steps, x)` after step i."""
         times = sampling_schedule(steps, self.shift)
         b = noise.shape[0]
         tdtype = torch.promote_types(noise.dtype, torch.float32)  # times stay >= float32
         w = None if guidance is None else torch.full((b,), float(guidance), device=noise.device, dtype=tdtype)
         x, self.last_nfe = noise, 0
-        for t_now, t_next in itertools.pairwise(times.tolist()):
+        for i, (t_now, t_next) in enumerate(itertools.pairwise(times.tolist())):
             t = torch.full((b,), t_now, device=noise.device, dtype=tdtype)
             s = torch.zeros_like(t)
             x0_hat = solution_map(x, t, s, model(x, t, s, cond, w, path="full"))
@@ -56,6 +54,8 @@ class SolutionSampler(Sampler):
                 x = t_next * randn_like(x, generator) + (1 - t_next) * x0_hat
             else:
                 x = x0_hat
+            if callback is not None:
+                callback(i, steps, x)
         return x
 
 
