@@ -108,6 +108,15 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[
             int | None, typer.Option(help="CPU threads (0 = torch default)", rich_help_panel=RUN)
         ] = None,
+        eval_every: Annotated[
+            int | None,
+            typer.Option(
+                help="validate every n steps: FVD / class accuracy of EMA samples", rich_help_panel=RUN
+            ),
+        ] = None,
+        eval_num: Annotated[
+            int | None, typer.Option(help="clips per validation (default 256)", rich_help_panel=RUN)
+        ] = None,
         ac: Annotated[
             str | None,
             typer.Option(help="activation checkpointing: off, full, selective", rich_help_panel=PAR),

@@ -268,6 +268,30 @@ def sampling_settings(section: SampleSection, **flags: Any) -> SampleSection:
         raise ConfigError("; ".join(problems)) from None
 
 
+class ValidationSection(Section):
+    """Validation during training: every `every` steps, sample with the EMA weights and measure quality
+    against cached real statistics (eflow eval's core), logged as val_* fields of metrics.jsonl."""
+
+    every: int = Field(0, ge=0, description="validate every n optimizer steps (0 = never)")
+    num: int = Field(256, ge=2, description="generated clips (and real clips) per validation")
+    metrics: list[Literal["fvd", "accuracy"]] = Field(
+        default_factory=lambda: ["fvd", "accuracy"],
+        description="fvd and/or accuracy (class accuracy needs a label-conditioned run; dropped for text runs)",
+    )
+    extractor: str = Field("indomain", description="feature extractor for FVD (registry 'feature_extractor')")
+    extractor_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the extractor, e.g. path = '/models/i3d.pt' for i3d"
+    )
+    batch_size: int = Field(64, ge=1, description="clips per generation batch")
+
+    @field_validator("metrics")
+    @classmethod
+    def _some_metric(cls, metrics: list[str]) -> list[str]:
+        if not metrics:
+            raise ValueError("give fvd, accuracy or both")
+        return metrics
+
+
 class RunConfig(Section):
     """Everything that defines a run; written as config.json beside every checkpoint."""
 
@@ -278,6 +302,7 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     parallel: ParallelSection = Field(default_factory=ParallelSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"

@@ -60,6 +60,8 @@ TRAIN_FLAGS = {
     "track": "train.track",
     "precision": "train.precision",
     "mva": "objective.options.mva",
+    "eval_every": "validation.every",
+    "eval_num": "validation.num",
     "ac": "parallel.ac",
     "compile_": "parallel.compile",
     "fsdp": "parallel.fsdp",

@@ -78,11 +78,19 @@ class EvalSettings:
 
 
 def evaluate(run_dir: str | Path, settings: EvalSettings, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the evaluation; returns the report (what eval.json holds)."""
+    """Run the evaluation of a run directory; returns the report (what eval.json holds)."""
+    settings.check()
+    run = load_run(run_dir, resolve_device(settings.device), settings.weights)
+    return evaluate_run(run, settings, progress)
+
+
+def evaluate_run(run: LoadedRun, settings: EvalSettings, progress: Progress | None = None) -> dict[str, Any]:
+    """The evaluation of a run already in memory (its model on run.device): what `evaluate` does after
+    loading, and what validation during training calls with the EMA model. Sets run.cfg.sample to the
+    settings' sampling flags."""
     settings.check()
     t_start = time.perf_counter()
-    device = resolve_device(settings.device)
-    run = load_run(run_dir, device, settings.weights)
+    device = run.device
     cfg = run.cfg
     clip = (cfg.data.frames, cfg.data.height, cfg.data.width)
     if settings.sampler is not None:

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from eflow.data.resize_crop import to_signed
 from eflow.data.skips import SkipLog, take_skips
 from eflow.data.video_io import write_grid_png
 from eflow.errors import EflowError
+from eflow.loaded_run import LoadedRun
 from eflow.memory_budget import check_fits, is_out_of_memory, out_of_memory_message, training_need
 from eflow.network import DropPlan, Network
 from eflow.objective import StepInfo
@@ -452,6 +453,37 @@ class Trainer:
         batch = collate(items)
         return self.parts.conditioner.embeddings(batch["text"], batch["text_mask"], self.device)
 
+    def validate(self, step: int) -> dict[str, float]:
+        """eflow eval's core on the EMA weights after `step` steps (cfg.validation): val_fvd and/or
+        val_accuracy, and val_s, the seconds it took. Sampling draws from its own seeded generators and
+        every training step reseeds the global RNG, so a run with validation trains exactly as one without."""
+        from eflow.eval.evaluate import EvalSettings, evaluate_run
+
+        v = self.cfg.validation
+        metrics = [m for m in v.metrics if m != "accuracy" or self.cfg.data.condition == "label"]
+        run = LoadedRun(
+            self.run_dir,
+            self.cfg.model_copy(deep=True),  # evaluate_run sets its sample section
+            replace(self.parts, model=self.ema.model),
+            step,
+            "ema",
+            self.device,
+            self.precision,
+        )
+        settings = EvalSettings(
+            metrics=metrics,
+            extractor=v.extractor,
+            extractor_options=dict(v.extractor_options),
+            num=v.num,
+            batch_size=v.batch_size,
+            device=str(self.device),
+        )
+        t0 = time.perf_counter()
+        report = evaluate_run(run, settings)
+        out = {f"val_{name}": float(value) for name, value in report["metrics"].items()}
+        out["val_s"] = time.perf_counter() - t0
+        return out
+
     def _write_labels(self) -> None:
         """labels.json: the dataset's class names (index = label id), when it has them."""
         classes = getattr(self.parts.dataset, "classes", None)
@@ -514,7 +546,9 @@ class Trainer:
                     last_loss = record["loss"]
                     now = time.perf_counter()
                     record.update(step=step, it_s=1.0 / max(now - t_last, 1e-9), time=time.time())
-                    t_last = now
+                    if main and cfg.validation.every and done % cfg.validation.every == 0:
+                        record.update(self.validate(done))  # after it_s: its time is not the step's
+                    t_last = time.perf_counter()
                     if log is not None and (step % cfg.train.log_every == 0 or done == total):
                         log.write(record)
                         self.trackers.log(step, record)

@@ -1,0 +1,49 @@
+"""Validation during training (config [validation], --eval-every): every n steps the EMA weights are
+sampled and measured with eflow eval's core; the val_* fields land in metrics.jsonl, and a run with
+validation trains exactly as one without (sampling draws from its own generators)."""
+
+from __future__ import annotations
+
+import pytest
+from test_eval import i3d_file  # noqa: F401  (a tiny TorchScript I3D: FVD without training a classifier)
+from test_train import losses, tiny_config
+
+from eflow.config import build_config
+from eflow.errors import ConfigError
+from eflow.train.metrics import read_metrics
+from eflow.train.trainer import Trainer
+
+
+def validated_config(out, i3d, **validation):
+    cfg = tiny_config(out, steps=4)
+    cfg.validation = cfg.validation.model_validate(
+        {
+            "every": 2,
+            "num": 4,
+            "batch_size": 2,
+            "metrics": ["fvd"],
+            "extractor": "i3d",
+            "extractor_options": {"path": str(i3d), "frames": 2},
+            **validation,
+        }
+    )
+    return cfg
+
+
+def test_validation_logs_fvd_every_n_steps_and_leaves_training_unchanged(tmp_path, i3d_file):  # noqa: F811
+    Trainer(tiny_config(tmp_path / "plain", steps=4), progress=False).run()
+    Trainer(validated_config(tmp_path / "val", i3d_file), progress=False).run()
+    assert losses(tmp_path / "val") == losses(tmp_path / "plain")  # the training RNG stream is untouched
+    records = read_metrics(tmp_path / "val" / "metrics.jsonl")
+    validated = [r["step"] for r in records if "val_fvd" in r]
+    assert validated == [1, 3]  # after steps 2 and 4
+    assert all(r["val_fvd"] >= 0 and r["val_s"] > 0 for r in records if "val_fvd" in r)
+
+
+def test_validation_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"validation.metrics"):
+        build_config({"validation": {"metrics": []}})
+    with pytest.raises(ConfigError, match=r"validation.every"):
+        build_config({"validation": {"every": -1}})
+    with pytest.raises(ConfigError, match=r"validation.metrics.0"):
+        build_config({"validation": {"metrics": ["psnr"]}})
