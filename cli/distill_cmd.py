@@ -65,8 +65,12 @@ def _train(batch_size: int | None, lr: float | None, device: str | None, seed: i
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _mlcd_options(teacher_steps: int | None, skip: int | None) -> dict[str, int]:
-    return {k: v for k, v in (("teacher_steps", teacher_steps), ("skip", skip)) if v is not None}
+def _mlcd(
+    segments: int, steps: int, guidance: float, shift: float, teacher_steps: int | None, skip: int | None
+) -> dict[str, Any]:
+    """mlcd_stage's keywords from the MLCD flags (the objective options only where given)."""
+    options = {k: v for k, v in (("teacher_steps", teacher_steps), ("skip", skip)) if v is not None}
+    return {"segments": segments, "steps": steps, "guidance": guidance, "shift": shift, "options": options}
 
 
 def _report(result) -> None:
@@ -129,11 +133,7 @@ def distill(
             teacher,
             teacher,
             out,
-            segments=segments,
-            steps=steps,
-            guidance=guidance,
-            shift=shift,
-            options=_mlcd_options(teacher_steps, skip),
+            **_mlcd(segments, steps, guidance, shift, teacher_steps, skip),
             attention=attn,
             train=_train(batch_size, lr, device, seed),
             sets=set_,
@@ -231,13 +231,7 @@ def pipeline(
                 "seed": 0 if seed is None else seed,
             },
             attention={"steps": attn_steps},
-            mlcd={
-                "segments": segments,
-                "steps": steps,
-                "guidance": guidance,
-                "shift": shift,
-                "options": _mlcd_options(teacher_steps, skip),
-            },
+            mlcd=_mlcd(segments, steps, guidance, shift, teacher_steps, skip),
             train=_train(batch_size, lr, device, seed),
             sets=set_,
             console=err_console,

@@ -52,9 +52,19 @@ from eflow.model.rope import apply_rope
 from eflow.model.self_attention import RMSNorm, SelfAttention
 from eflow.model.tokens import TokenContext
 from eflow.network import expand_like, solution_map
-from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo
+from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo, validated_options
 from eflow.registry import format_validation_error, get_registry, hookimpl
-from eflow.sampler import Sampler, StepCallback, takes_callback
+from eflow.sampler import (
+    GridSampler,
+    GridStep,
+    Sampler,
+    ShiftOptions,
+    StepCallback,
+    guidance_input,
+    shift_field,
+    takes_callback,
+    time_dtype,
+)
 from eflow.text_encoding import Dtype, LocalTransformerEncoder, require_transformers, words
 from eflow.text_file import read_utf8
 from eflow.timesteps import (
@@ -173,6 +183,8 @@ __all__ = [
     "EflowError",
     "FeatureExtractor",
     "ForwardCost",
+    "GridSampler",
+    "GridStep",
     "LatentShards",
     "LocalTransformerEncoder",
     "LossOutput",
@@ -182,6 +194,7 @@ __all__ = [
     "RMSNorm",
     "Sampler",
     "SelfAttention",
+    "ShiftOptions",
     "StepCallback",
     "StepInfo",
     "Teacher",
@@ -199,6 +212,7 @@ __all__ = [
     "flex",
     "format_validation_error",
     "get_registry",
+    "guidance_input",
     "guided_velocity",
     "hookimpl",
     "intermediate_time",
@@ -221,11 +235,14 @@ __all__ = [
     "sample_scm_times",
     "sampling_schedule",
     "selection_block_mask",
+    "shift_field",
     "shift_time",
     "solution_map",
     "takes_callback",
+    "time_dtype",
     "to_unit_range",
     "topk_count",
+    "validated_options",
     "window_mask",
     "words",
     "write_grid_png",

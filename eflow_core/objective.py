@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from torch import Tensor
+
+from eflow.errors import ConfigError
+from eflow.registry import format_validation_error
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -57,3 +64,12 @@ class Objective(ABC):
     @abstractmethod
     def cost(self, mva_share: float = 0.0) -> ForwardCost:
         """Expected forward passes per sample (declared, so runs can be compared before they start)."""
+
+
+def validated_options(model: type[OptionsT], options: dict[str, Any], name: str) -> OptionsT:
+    """model(**options) for objective `name`, with pydantic errors turned into one ConfigError naming the
+    fields (as the registry reports options given in a config)."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, f"objective '{name}' options", model)) from None

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from eflow.assembly import resolve_device
 from eflow.condition import Condition
@@ -36,56 +36,13 @@ from eflow.loaded_run import LoadedRun, load_run
 from eflow.memory_budget import check_fits, sampling_need
 from eflow.registry import get_registry
 from eflow.sampler import StepCallback, takes_callback
-from eflow.sampling import sampler_name, tile
-from eflow.timesteps import randn
+from eflow.sampling import generate, sampler_name, tile
 
 BATCH_SEED_STRIDE = 1_000_003  # batch b of a call is seeded with seed + b * BATCH_SEED_STRIDE
 DEFAULT_CAPTION = "a red square moving left"  # a text-conditioned run called without prompts
 OUTPUT_TYPES = ("tensor", "numpy", "pil")
 OutputType = Literal["tensor", "numpy", "pil"]
 SAVE_SUFFIXES = (".mp4", ".gif", ".png")
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    autoencoder,
-    cond: Condition,
-    latent_shape: tuple[int, ...],
-    *,
-    sampler: str,
-    sampler_options: dict | None,
-    steps: int,
-    guidance: float,
-    device: torch.device,
-    precision: str = "fp32",
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
-) -> Tensor:
-    """Videos [B, C, T, H, W] in [-1, 1] on the CPU, one per condition: noise from `generator`, else from
-    a generator on `device` seeded with `seed` (the draws of eflow.sampling.generate); `callback(step,
-    total, latents)` after each sampler step."""
-    model.eval()
-    impl = get_registry("sampler").create(sampler, options=sampler_options)
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    noise = randn((len(cond), *latent_shape), generator, device)  # [B, c, t, h, w]
-    step_reports = {}
-    if callback is not None:
-        if not takes_callback(impl):
-            raise EflowError(f"sampler '{sampler}' reports no steps (its sample() takes no `callback`)")
-        step_reports["callback"] = callback
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else nullcontext()
-    )
-    with autocast:
-        latents = impl.sample(
-            model, noise, cond.to(device), steps, guidance, generator=generator, **step_reports
-        )
-    return autoencoder.decode(latents.float()).clamp(-1, 1).cpu()
 
 
 @dataclass
@@ -294,7 +251,7 @@ class Pipeline:
         generate: Callable[..., Tensor] = generate,
     ) -> Iterator[tuple[int, Tensor]]:
         """(index of its first video, videos [b, C, T, H, W] in [-1, 1] on the CPU) for each batch of
-        `plan`, made by `generate` (this module's; a caller may pass a wrapper of it)."""
+        `plan`, made by `generate` (eflow.sampling's; a caller may pass a wrapper of it)."""
         parts, s = self.run.parts, plan.settings
         for b, start in enumerate(range(0, plan.num, plan.batch_size)):
             stop = min(start + plan.batch_size, plan.num)

@@ -13,6 +13,8 @@ from eflow.config import RunConfig
 from eflow.data.video_io import write_gif, write_grid_png, write_mp4
 from eflow.errors import EflowError
 from eflow.registry import get_registry
+from eflow.sampler import StepCallback, takes_callback
+from eflow.timesteps import randn
 
 
 def sampler_name(cfg: RunConfig) -> str:
@@ -42,22 +44,34 @@ def generate(
     sampler_options: dict | None,
     steps: int,
     guidance: float,
-    seed: int,
     device: torch.device,
     precision: str = "fp32",
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
-    """Videos [B, C, T, H, W] in [-1, 1] for the conditions `cond` (one video per condition)."""
+    """Videos [B, C, T, H, W] in [-1, 1] on the CPU, one per condition `cond`: noise from `generator`, else
+    from a generator on `device` seeded with `seed`; `callback(step, total, latents)` after each sampler
+    step. The one generation function: the training previews, `eflow eval` and eflow.pipeline use it."""
     model.eval()
     impl = get_registry("sampler").create(sampler, options=sampler_options)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((len(cond), *latent_shape), generator=generator, device=device)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    noise = randn((len(cond), *latent_shape), generator, device)  # [B, c, t, h, w]
+    step_reports = {}
+    if callback is not None:
+        if not takes_callback(impl):
+            raise EflowError(f"sampler '{sampler}' reports no steps (its sample() takes no `callback`)")
+        step_reports["callback"] = callback
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         if precision == "bf16"
         else nullcontext()
     )
     with autocast:
-        latents = impl.sample(model, noise, cond.to(device), steps, guidance, generator=generator)
+        latents = impl.sample(
+            model, noise, cond.to(device), steps, guidance, generator=generator, **step_reports
+        )
     return autoencoder.decode(latents.float()).clamp(-1, 1).cpu()
 
 

@@ -140,18 +140,38 @@ def media(tmp_path_factory):
 
 
 # ----- the command line in-process, for the CLI tests ---------------------------------------------------
-def run_cli(*args):
-    """`eflow ARGS...` in-process (arguments str()-ed, so paths and numbers can be passed); the Result."""
+def run_cli(*args, columns: int | None = None):
+    """`eflow ARGS...` in-process (arguments str()-ed, so paths and numbers can be passed); the Result.
+    `columns`: the terminal width rich wraps at (a wide one leaves tables unwrapped)."""
     from typer.testing import CliRunner
 
     from eflow.cli.app import app
 
-    return CliRunner().invoke(app, [str(a) for a in args])
+    env = {"COLUMNS": str(columns)} if columns is not None else None
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
-def assert_clean_error(result, *fragments):
-    """Exit status 2, no traceback, and every fragment in the output."""
+def ok(result):
+    """`result` of a command that must have succeeded (its output shown when it did not)."""
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def assert_clean_error(result, *fragments, unwrap: bool = False):
+    """Exit status 2, no traceback, and every fragment in the output (with `unwrap`: in the output with
+    its white space folded, as rich wraps long lines)."""
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
+    text = " ".join(result.output.split()) if unwrap else result.output
     for fragment in fragments:
-        assert fragment in result.output, result.output
+        assert fragment in text, result.output
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One torch thread for a module's tests (a loaded 2-core machine stalls on more); restored after it.
+    A module takes it with `pytestmark = pytest.mark.usefixtures("one_thread_per_module")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from test_train import tiny_tree
 from toy_model import ToyModel
 from typer.testing import CliRunner
 
@@ -35,21 +36,13 @@ runner = CliRunner()
 def teacher_config(out):
     """A tiny fm teacher: softmax attention, 4 latent frames of 2 x 2 tokens, dense."""
     cfg = build_config(
+        tiny_tree(out, steps=3),
         {
             "objective": {"name": "fm"},
             "model": {"attention": "softmax"},
             "token_drop": {"name": "none", "stages": [{"start": 0.0, "end": 1.0, "drop_ratio": 0.0}]},
-            "data": {"frames": 4, "height": 8, "width": 8},
-            "train": {
-                "steps": 3,
-                "batch_size": 4,
-                "lr": 1e-3,
-                "out": str(out),
-                "preview_every": 0,
-                "device": "cpu",
-            },
-            "sample": {"num": 2, "steps": 2},
-        }
+            "data": {"frames": 4},
+        },
     )
     check_run_config(cfg)
     return cfg

@@ -119,6 +119,26 @@ def test_unknown_or_misplaced_options_fail_naming_the_field():
         make("sfm", mva=True).shares(1.0)
 
 
+@pytest.mark.parametrize(
+    ("name", "options", "field"),
+    [
+        ("fm", {"sigma_t": -1.0}, "sigma_t"),
+        ("sfm", {"r1": 0.0}, "r1"),
+        ("pdg-sfm", {"nope": 1}, "nope"),
+        ("mlcd", {"segments": 0}, "segments"),
+        ("attn-distill", {"teacher_weights": "best"}, "teacher_weights"),
+    ],
+)
+def test_every_objective_reports_bad_options_as_one_config_error_naming_itself_and_the_field(
+    name, options, field
+):
+    """The objectives validate their options through eflow.api.validated_options: one ConfigError, the
+    objective named as the registry names it, one line per field."""
+    with pytest.raises(ConfigError) as err:
+        get_registry("objective").get(name).factory(total_steps=10, **options)
+    assert str(err.value).startswith(f"invalid objective '{name}' options:\n  {field}: ")
+
+
 # ----------------------------------------------------------------------------------------------------
 # the solution map and Lemma 1
 

@@ -68,6 +68,12 @@ def test_the_pipeline_gives_the_videos_eflow_sample_writes_for_the_same_seed(pip
     torch.testing.assert_close(out.tensor, torch.cat(expected), rtol=0, atol=0)
 
 
+def test_the_pipeline_and_the_previews_share_one_generate():
+    import eflow.pipeline
+
+    assert eflow.pipeline.generate is preview_generate
+
+
 def test_output_types_are_a_tensor_uint8_frames_or_pil_images(pipe):
     frames, size = pipe.run.cfg.data.frames, pipe.run.cfg.data.height
     tensor = pipe(labels=[1, 0], steps=1, progress=False)

@@ -1,52 +1,28 @@
 """`eflow repro`: the paper's rows, a tiny table end to end, skipping, resuming, row selection, extra rows."""
 
+import functools
 import json
 import shlex
 
 import pytest
-import torch
-from typer.testing import CliRunner
+from conftest import assert_clean_error, ok, run_cli
 
-from eflow.cli.app import app
 from eflow.errors import ConfigError
 from eflow.repro.rows import extra_row, parse_row_flags, table_rows
 from eflow.repro.runner import ReproSpec, plan, trained_step
 from eflow.repro.tables import ALL, TABLES, claim_holds
 
-runner = CliRunner()
+# one torch thread: train and eval run in this process
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 TINY = ["--preset", "tiny", "--frames", "2", "--size", "8", "--batch-size", "2", "--device", "cpu"]
 EVAL = ["--eval-num", "8", "--eval-batch-size", "8"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def assert_clean_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in text, result.output
+run = functools.partial(run_cli, columns=250)  # wide: tables unwrapped
+assert_clean_error = functools.partial(assert_clean_error, unwrap=True)
 
 
 def tiny_spec(table, out, **kw):
     scale = {"preset": "tiny", "frames": 2, "size": "8", "batch_size": 2, "device": "cpu", "steps": 2}
     return ReproSpec(table=table, out=str(out), **{**scale, **kw})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: a loaded 2-core machine stalls on more (train and eval run in this process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +243,7 @@ def test_a_parallel_childs_command_line_runs_its_rows(table3, cache):
     spec.cache_dir, spec.parallel = str(cache), 2
     argv = spec.child_argv("table3", ["gated"])
     assert argv[1:4] == ["-m", "eflow.cli.app", "repro"] and argv[-2:] == ["--worker", "2"]
-    result = ok(runner.invoke(app, argv[3:]))  # the child, in this process: nothing to do, no report
+    result = ok(run_cli(*argv[3:]))  # the child, in this process: nothing to do, no report
     assert "gated: evaluated (eval.json), skipped" in " ".join(result.output.split())
     assert "claims" not in result.output
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from toy_model import ToyModel
@@ -127,3 +129,37 @@ def test_solution_sampler_renoising_follows_algorithm_2(noise, cond):
         z = torch.randn(noise.shape, generator=ref)
         assert torch.allclose(seen[n], ts[n] * z)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_a_grid_sampler_implements_one_step_and_the_base_walks_the_grid(noise, cond):
+    """A plugin's GridSampler: its step sees every pair of grid times in order, `last_nfe` counts
+    nfe_per_step per step and the callback follows every step; its ShiftOptions take only `shift`."""
+    from eflow.api import GridSampler, ShiftOptions, shift_field
+
+    class HalfOptions(ShiftOptions):
+        shift: float = shift_field("the grid's shift")
+
+    class Halving(GridSampler):
+        nfe_per_step = 2
+
+        def stepper(self, model, noise, cond, guidance, generator):
+            def step(x, t, t_now, t_next):
+                seen.append((t_now, t_next, t.dtype, tuple(t.shape)))
+                return x / 2
+
+            return step
+
+    seen, reports = [], []
+    reg = Registry("sampler")
+    reg.register("halving", Halving, options=HalfOptions)
+    sampler = reg.create("halving", options={"shift": 2.0})
+    assert HalfOptions.model_fields["shift"].description == "the grid's shift"
+    with pytest.raises(ConfigError, match="steps: unknown field; valid fields: shift"):
+        reg.create("halving", options={"steps": 4})
+    out = sampler.sample(None, noise, cond, 3, callback=lambda i, n, x: reports.append((i, n, x.clone())))
+    ts = sampling_schedule(3, 2.0).tolist()
+    assert [(a, b) for a, b, _, _ in seen] == list(itertools.pairwise(ts))
+    assert all(dtype == torch.float32 and shape == (B,) for _, _, dtype, shape in seen)
+    assert sampler.last_nfe == 6 and torch.equal(out, noise / 8)
+    assert [(i, n) for i, n, _ in reports] == [(0, 3), (1, 3), (2, 3)]
+    assert torch.equal(reports[-1][2], out)

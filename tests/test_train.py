@@ -15,23 +15,26 @@ from eflow.train.metrics import read_metrics
 from eflow.train.trainer import Trainer
 
 
+def tiny_tree(out, **train):
+    """The config tree of a run small enough for a 2-core CPU: 2 frames of 8x8 pixels, the tiny preset."""
+    return {
+        "data": {"frames": 2, "height": 8, "width": 8},
+        "train": {
+            "steps": 6,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "out": str(out),
+            "preview_every": 0,
+            "device": "cpu",
+            **train,
+        },
+        "sample": {"num": 2, "steps": 2},
+    }
+
+
 def tiny_config(out, **train):
     """A run small enough for a 2-core CPU: 2 frames of 8x8 pixels, the tiny preset."""
-    return build_config(
-        {
-            "data": {"frames": 2, "height": 8, "width": 8},
-            "train": {
-                "steps": 6,
-                "batch_size": 4,
-                "lr": 1e-3,
-                "out": str(out),
-                "preview_every": 0,
-                "device": "cpu",
-                **train,
-            },
-            "sample": {"num": 2, "steps": 2},
-        }
-    )
+    return build_config(tiny_tree(out, **train))
 
 
 def losses(run_dir):

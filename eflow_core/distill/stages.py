@@ -39,6 +39,7 @@ TILES_JSON = "tiles.json"  # the search's table, beside the tile stage's run
 STAGE_DIRS = {"tiles": "1-tiles", "attention": "2-attention", "mlcd": "3-mlcd"}
 LCM_EMA_DECAY = 0.95  # EMA rate of the consistency target network (LCM, Luo et al. 2023)
 DENSE = [{"start": 0.0, "end": 1.0, "drop_ratio": 0.0}]  # distillation trains on all tokens
+NO_SAMPLER = {"sampler": None, "sampler_options": {}}  # a student samples with its objective's own sampler
 
 
 @dataclass
@@ -163,6 +164,25 @@ def train_stage(
     return StageResult(stage, run_dir, "trained", result.step, detail)
 
 
+def student_stage(
+    stage: str,
+    teacher_dir: Path,
+    teacher_cfg: RunConfig,
+    init_dir: str | Path,
+    out: str | Path,
+    *,
+    console: Console | None = None,
+    progress: bool = True,
+    **fields: Any,
+) -> StageResult:
+    """Train (or continue / skip) `stage`'s student: run `init_dir` turned into a student in `out` by
+    student_config(..., **fields), checked against the teacher's config, started from `init_dir`'s weights."""
+    init_dir = Path(init_dir)
+    cfg = student_config(load_run_config(init_dir), out, **fields)
+    check_compatible(teacher_cfg, cfg, f"teacher {teacher_dir}")
+    return train_stage(stage, cfg, init_dir, console=console, progress=progress)
+
+
 def tiles_stage(
     teacher_dir: str | Path,
     out: str | Path,
@@ -209,7 +229,7 @@ def tiles_stage(
         objective=teacher.cfg.objective.name,
         options=teacher.cfg.objective.options,
         model={"attention": search.backend, "attention_options": search.attention_options()},
-        sample={"sampler": None, "sampler_options": {}},
+        sample=NO_SAMPLER,
         sets=sets,
     )
     check_compatible(teacher.cfg, cfg, f"teacher {teacher_dir}")
@@ -237,19 +257,21 @@ def attention_stage(
 ) -> StageResult:
     """Attention distillation: the run in `init_dir` (sparse attention) learns to match every layer's
     attention output (and the final output) of the teacher."""
-    teacher_dir, init_dir = Path(teacher_dir), Path(init_dir)
-    teacher_cfg = load_run_config(teacher_dir)
-    cfg = student_config(
-        load_run_config(init_dir),
+    teacher_dir = Path(teacher_dir)
+    return student_stage(
+        "attention",
+        teacher_dir,
+        load_run_config(teacher_dir),
+        init_dir,
         out,
+        console=console,
+        progress=progress,
         objective="attn-distill",
         options={**(options or {}), "teacher": str(teacher_dir.resolve())},
         train={"steps": steps, **(train or {})},
-        sample={"sampler": None, "sampler_options": {}},
+        sample=NO_SAMPLER,
         sets=sets,
     )
-    check_compatible(teacher_cfg, cfg, f"teacher {teacher_dir}")
-    return train_stage("attention", cfg, init_dir, console=console, progress=progress)
 
 
 def mlcd_stage(
@@ -271,28 +293,26 @@ def mlcd_stage(
     """Multi-step latent consistency distillation of the run in `init_dir` (the teacher itself for plain
     `eflow distill`) from the teacher's Euler + CFG trajectory split into `segments` segments. The
     student samples with `segment` (one jump per segment) at `guidance`, the CFG scale it learned."""
-    teacher_dir, init_dir = Path(teacher_dir), Path(init_dir)
+    teacher_dir = Path(teacher_dir)
     teacher_cfg = load_run_config(teacher_dir)
     check_velocity_teacher(teacher_cfg, f"teacher {teacher_dir}")
     opts = {"w_min": guidance, "w_max": guidance, **(options or {})}
     opts.update(teacher=str(teacher_dir.resolve()), segments=segments, shift=shift)
-    cfg = student_config(
-        load_run_config(init_dir),
+    return student_stage(
+        "mlcd",
+        teacher_dir,
+        teacher_cfg,
+        init_dir,
         out,
+        console=console,
+        progress=progress,
         objective="mlcd",
         options=opts,
         train={"steps": steps, "ema_decay": LCM_EMA_DECAY, **(train or {})},
         model={"attention": attention, "attention_options": {}} if attention else None,
-        sample={
-            "sampler": None,
-            "sampler_options": {"shift": shift},
-            "steps": segments,
-            "guidance": guidance,
-        },
+        sample={**NO_SAMPLER, "sampler_options": {"shift": shift}, "steps": segments, "guidance": guidance},
         sets=sets,
     )
-    check_compatible(teacher_cfg, cfg, f"teacher {teacher_dir}")
-    return train_stage("mlcd", cfg, init_dir, console=console, progress=progress)
 
 
 def run_pipeline(
@@ -314,27 +334,10 @@ def run_pipeline(
     dirs = {name: out / sub for name, sub in STAGE_DIRS.items()}
     device = (train or {}).get("device", "auto")
     results = [tiles_stage(teacher_dir, dirs["tiles"], device=device, sets=sets, **(tiles or {}))[0]]
+    common = {"train": train, "sets": sets, "console": console, "progress": progress}
     for make in (
-        lambda: attention_stage(
-            teacher_dir,
-            dirs["tiles"],
-            dirs["attention"],
-            train=train,
-            sets=sets,
-            console=console,
-            progress=progress,
-            **(attention or {}),
-        ),
-        lambda: mlcd_stage(
-            teacher_dir,
-            dirs["attention"],
-            dirs["mlcd"],
-            train=train,
-            sets=sets,
-            console=console,
-            progress=progress,
-            **(mlcd or {}),
-        ),
+        lambda: attention_stage(teacher_dir, dirs["tiles"], dirs["attention"], **common, **(attention or {})),
+        lambda: mlcd_stage(teacher_dir, dirs["attention"], dirs["mlcd"], **common, **(mlcd or {})),
     ):
         if on_stage is not None:
             on_stage(results[-1])

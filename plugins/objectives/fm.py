@@ -12,24 +12,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from eflow.api import (
     Condition,
-    ConfigError,
     ForwardCost,
     LossOutput,
     Objective,
     StepInfo,
     adaptive_weight,
     expand_like,
-    format_validation_error,
     hookimpl,
     logit_normal,
     per_sample_mse,
     rand,
     randn_like,
+    validated_options,
 )
 
 SFM_ONLY_OPTIONS = (
@@ -90,16 +89,6 @@ class FMOptions(BaseModel):
         return data
 
 
-def validated(options_model: type[BaseModel], options: dict[str, Any], name: str) -> BaseModel:
-    """options_model(**options), with pydantic errors turned into one ConfigError naming the fields."""
-    try:
-        return options_model.model_validate(options)
-    except ValidationError as err:
-        raise ConfigError(
-            format_validation_error(err, f"objective '{name}' options", options_model)
-        ) from None
-
-
 @dataclass
 class FMDraws:
     """The random quantities of one FM step: noise x1 [B, ...], times t [B], dropped labels [B] bool."""
@@ -113,7 +102,7 @@ class FlowMatching(Objective):
     """|| F(x_t, t, t, c) - v ||^2 (optionally adaptively weighted); one full forward with grad per sample."""
 
     def __init__(self, *, total_steps: int, **options: Any):
-        self.options: FMOptions = validated(FMOptions, options, "fm")
+        self.options: FMOptions = validated_options(FMOptions, options, "fm")
         self.total_steps = total_steps
 
     def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> FMDraws:

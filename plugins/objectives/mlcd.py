@@ -36,20 +36,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from eflow.api import (
     AttentionRecorder,
     Condition,
-    ConfigError,
     ForwardCost,
     LossOutput,
     Objective,
     StepInfo,
     Teacher,
     expand_like,
-    format_validation_error,
     guided_velocity,
     hookimpl,
     load_teacher,
@@ -58,6 +56,7 @@ from eflow.api import (
     rand,
     randn_like,
     shift_time,
+    validated_options,
 )
 
 TEACHER_HELP = (
@@ -66,14 +65,14 @@ TEACHER_HELP = (
 )
 
 
-def validated(options_model: type[BaseModel], options: dict[str, Any], name: str) -> BaseModel:
-    """options_model(**options), with pydantic errors turned into one ConfigError naming the fields."""
-    try:
-        return options_model.model_validate(options)
-    except ValidationError as err:
-        raise ConfigError(
-            format_validation_error(err, f"objective '{name}' options", options_model)
-        ) from None
+class TeacherOptions(BaseModel):
+    """The options of a distillation objective that name its teacher (the first of `mlcd`'s and
+    `attn-distill`'s options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = Field("", description=TEACHER_HELP)
+    teacher_weights: Literal["ema", "model"] = Field("ema", description="the teacher's EMA or online weights")
 
 
 class TeacherSlot:
@@ -99,13 +98,9 @@ class TeacherSlot:
 # ----- mlcd ---------------------------------------------------------------------------------------
 
 
-class MLCDOptions(BaseModel):
+class MLCDOptions(TeacherOptions):
     """Options of the `mlcd` objective."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str = Field("", description=TEACHER_HELP)
-    teacher_weights: Literal["ema", "model"] = Field("ema", description="the teacher's EMA or online weights")
     segments: int = Field(
         4, ge=1, description="S, segments of the trajectory = sampling steps (Efficient-vDiT; Heek et al.)"
     )
@@ -171,7 +166,7 @@ class MLCD(Objective):
     default_sampler = "segment"
 
     def __init__(self, *, total_steps: int, teacher_model: nn.Module | None = None, **options: Any):
-        self.options: MLCDOptions = validated(MLCDOptions, options, "mlcd")
+        self.options: MLCDOptions = validated_options(MLCDOptions, options, "mlcd")
         self.total_steps = total_steps
         self.teacher = TeacherSlot(self.options.teacher, self.options.teacher_weights, teacher_model, "mlcd")
 
@@ -240,13 +235,9 @@ class MLCD(Objective):
 # ----- attn-distill -------------------------------------------------------------------------------
 
 
-class AttnDistillOptions(BaseModel):
+class AttnDistillOptions(TeacherOptions):
     """Options of the `attn-distill` objective."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str = Field("", description=TEACHER_HELP)
-    teacher_weights: Literal["ema", "model"] = Field("ema", description="the teacher's EMA or online weights")
     attention_weight: float = Field(
         1.0, ge=0, description="weight of the per-layer attention-output term (Efficient-vDiT Stage 3)"
     )
@@ -265,7 +256,7 @@ class AttentionDistillation(Objective):
     default_sampler = "euler"
 
     def __init__(self, *, total_steps: int, teacher_model: nn.Module | None = None, **options: Any):
-        self.options: AttnDistillOptions = validated(AttnDistillOptions, options, "attn-distill")
+        self.options: AttnDistillOptions = validated_options(AttnDistillOptions, options, "attn-distill")
         self.total_steps = total_steps
         self.teacher = TeacherSlot(
             self.options.teacher, self.options.teacher_weights, teacher_model, "attn-distill"

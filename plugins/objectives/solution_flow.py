@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from eflow.api import (
@@ -58,7 +58,6 @@ from eflow.api import (
     StepInfo,
     adaptive_weight,
     expand_like,
-    format_validation_error,
     hookimpl,
     intermediate_time,
     l_ratio,
@@ -70,6 +69,7 @@ from eflow.api import (
     sample_mva_triplets,
     sample_scm_times,
     solution_map,
+    validated_options,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,12 +348,7 @@ class SolutionFlow(Objective):
         self.pdg = pdg
         self.name = "pdg-sfm" if pdg else "sfm"
         model = PDGSFMOptions if pdg else SFMOptions
-        try:
-            self.options = model.model_validate(options)
-        except ValidationError as err:
-            raise ConfigError(
-                format_validation_error(err, f"objective '{self.name}' options", model)
-            ) from None
+        self.options = validated_options(model, options, self.name)
         self.total_steps = total_steps
         self.drop_prob = self.options.p_drop if pdg else self.options.label_dropout
         self.grid = mva_grid(self.options.mva_grid_points, self.options.mva_grid_shift)

@@ -7,22 +7,17 @@ w = 1 (or None) needs only v_c and w = 0 only v_u (1 NFE per step).
 
 from __future__ import annotations
 
-import itertools
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from eflow.api import Condition, Sampler, StepCallback, hookimpl, sampling_schedule
+from eflow.api import Condition, Sampler, ShiftOptions, StepCallback, hookimpl, shift_field, time_dtype
 
 
-class EulerOptions(BaseModel):
+class EulerOptions(ShiftOptions):
     """Options of the `euler` sampler."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    shift: float = Field(
-        3.0, gt=0, description="time-grid shift toward noise; 3.0 matches fm's training shift (EFlow Table 5)"
+    shift: float = shift_field(
+        "time-grid shift toward noise; 3.0 matches fm's training shift (EFlow Table 5)"
     )
 
 
@@ -42,29 +37,22 @@ class EulerSampler(Sampler):
     ) -> Tensor:
         """noise [B, C, T, H, W] at t = 1 -> latents at t = 0 (deterministic: `generator` is unused);
         `callback(i, steps, x)` after step i."""
-        times = sampling_schedule(steps, self.shift)
-        b = noise.shape[0]
-        tdtype = torch.promote_types(noise.dtype, torch.float32)  # times stay >= float32
-        zeros = torch.zeros(b, device=noise.device, dtype=tdtype)
+        zeros = torch.zeros(noise.shape[0], device=noise.device, dtype=time_dtype(noise))
         use_c = guidance is None or guidance != 0
         use_u = guidance is not None and guidance != 1
         both = Condition.cat([cond, cond.null()]) if use_c and use_u else None
-        x, self.last_nfe = noise, 0
-        for i, (t_now, t_next) in enumerate(itertools.pairwise(times.tolist())):
-            t = torch.full((b,), t_now, device=noise.device, dtype=tdtype)
+
+        def step(x: Tensor, t: Tensor, t_now: float, t_next: float) -> Tensor:
             if both is not None:
                 v_c, v_u = model(
                     torch.cat([x, x]), t.repeat(2), t.repeat(2), both, zeros.repeat(2), path="full"
                 ).chunk(2)
                 v = v_u + guidance * (v_c - v_u)
-                self.last_nfe += 2
             else:
                 v = model(x, t, t, cond if use_c else cond.null(), zeros, path="full")
-                self.last_nfe += 1
-            x = x + (t_next - t_now) * v
-            if callback is not None:
-                callback(i, steps, x)
-        return x
+            return x + (t_next - t_now) * v
+
+        return self.walk(noise, steps, step, callback, nfe_per_step=2 if both is not None else 1)
 
 
 @hookimpl

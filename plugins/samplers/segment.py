@@ -12,55 +12,41 @@ distilled at): 1 NFE per segment.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from eflow.api import Condition, Sampler, hookimpl, sampling_schedule, solution_map
+from eflow.api import (
+    Condition,
+    GridSampler,
+    GridStep,
+    ShiftOptions,
+    guidance_input,
+    hookimpl,
+    shift_field,
+    solution_map,
+)
 
 
-class SegmentOptions(BaseModel):
+class SegmentOptions(ShiftOptions):
     """Options of the `segment` sampler."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    shift: float = Field(
-        3.0, gt=0, description="shift of the segment ends; must be the `mlcd` run's shift (default 3)"
-    )
+    shift: float = shift_field("shift of the segment ends; must be the `mlcd` run's shift (default 3)")
 
 
-class SegmentSampler(Sampler):
-    """`steps` jumps b_{k+1} -> b_k; run it with steps = the run's segments. `last_nfe` = steps."""
+class SegmentSampler(GridSampler):
+    """`steps` jumps b_{k+1} -> b_k; run it with steps = the run's segments. `last_nfe` = steps.
+    Deterministic: `generator` is unused."""
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model,
-        noise: Tensor,
-        cond: Condition,
-        steps: int,
-        guidance: float | None = 4.0,
-        generator: torch.Generator | None = None,
-        callback: Callable[[int, int, Tensor], None] | None = None,
-    ) -> Tensor:
-        """noise [B, C, T, H, W] at t = 1 -> latents at t = 0 (deterministic: `generator` is unused);
-        `callback(i, steps, x)` after jump i."""
-        times = sampling_schedule(steps, self.shift)
-        b = noise.shape[0]
-        tdtype = torch.promote_types(noise.dtype, torch.float32)  # times stay >= float32
-        w = None if guidance is None else torch.full((b,), float(guidance), device=noise.device, dtype=tdtype)
-        x, self.last_nfe = noise, 0
-        for i, (t_now, t_next) in enumerate(itertools.pairwise(times.tolist())):
-            t = torch.full((b,), t_now, device=noise.device, dtype=tdtype)
-            s = torch.full((b,), t_next, device=noise.device, dtype=tdtype)
-            x = solution_map(x, t, s, model(x, t, s, cond, w, path="full"))
-            self.last_nfe += 1
-            if callback is not None:
-                callback(i, steps, x)
-        return x
+    def stepper(
+        self, model, noise: Tensor, cond: Condition, guidance: float | None, generator: torch.Generator | None
+    ) -> GridStep:
+        w = guidance_input(guidance, noise)
+
+        def jump(x: Tensor, t: Tensor, t_now: float, t_next: float) -> Tensor:
+            s = torch.full_like(t, t_next)
+            return solution_map(x, t, s, model(x, t, s, cond, w, path="full"))
+
+        return jump
 
 
 @hookimpl

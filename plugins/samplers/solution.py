@@ -7,56 +7,45 @@ Guidance w is the model's guidance input (CFG was folded in at training): 1 NFE 
 
 from __future__ import annotations
 
-import itertools
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from eflow.api import Condition, Sampler, StepCallback, hookimpl, randn_like, sampling_schedule, solution_map
+from eflow.api import (
+    Condition,
+    GridSampler,
+    GridStep,
+    ShiftOptions,
+    guidance_input,
+    hookimpl,
+    randn_like,
+    shift_field,
+    solution_map,
+)
 
 
-class SolutionOptions(BaseModel):
+class SolutionOptions(ShiftOptions):
     """Options of the `solution` sampler."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    shift: float = Field(3.0, gt=0, description="shift of the inference time grid; EFlow B.3 (shift = 3)")
+    shift: float = shift_field("shift of the inference time grid; EFlow B.3 (shift = 3)")
 
 
-class SolutionSampler(Sampler):
-    """Algorithm 2 with N steps (N = 1: one jump f(x1, 1, 0)); `last_nfe` = network evaluations per sample (= N)."""
+class SolutionSampler(GridSampler):
+    """Algorithm 2 with N steps (N = 1: one jump f(x1, 1, 0)); `last_nfe` = network evaluations per sample (= N).
+    `generator` draws the re-noising noise."""
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model,
-        noise: Tensor,
-        cond: Condition,
-        steps: int,
-        guidance: float | None = 4.0,
-        generator: torch.Generator | None = None,
-        callback: StepCallback | None = None,
-    ) -> Tensor:
-        """noise [B, C, T, H, W] at t = 1 -> latents; `generator` draws the re-noising noise;
-        `callback(i, steps, x)` after step i."""
-        times = sampling_schedule(steps, self.shift)
-        b = noise.shape[0]
-        tdtype = torch.promote_types(noise.dtype, torch.float32)  # times stay >= float32
-        w = None if guidance is None else torch.full((b,), float(guidance), device=noise.device, dtype=tdtype)
-        x, self.last_nfe = noise, 0
-        for i, (t_now, t_next) in enumerate(itertools.pairwise(times.tolist())):
-            t = torch.full((b,), t_now, device=noise.device, dtype=tdtype)
+    def stepper(
+        self, model, noise: Tensor, cond: Condition, guidance: float | None, generator: torch.Generator | None
+    ) -> GridStep:
+        w = guidance_input(guidance, noise)
+
+        def jump_and_renoise(x: Tensor, t: Tensor, t_now: float, t_next: float) -> Tensor:
             s = torch.zeros_like(t)
             x0_hat = solution_map(x, t, s, model(x, t, s, cond, w, path="full"))
-            self.last_nfe += 1
             if t_next > 0:
-                x = t_next * randn_like(x, generator) + (1 - t_next) * x0_hat
-            else:
-                x = x0_hat
-            if callback is not None:
-                callback(i, steps, x)
-        return x
+                return t_next * randn_like(x, generator) + (1 - t_next) * x0_hat
+            return x0_hat
+
+        return jump_and_renoise
 
 
 @hookimpl
