@@ -89,10 +89,12 @@ def training_need(
     bf16: bool,
     middle_keep: float = 1.0,
     checkpoint_every: int = 0,
+    shards: int = 1,
 ) -> MemoryNeed:
     """Lower bound for one training step of `batch_size` clips (frames, height, width); the middle blocks
     see `middle_keep` of the tokens (1 - the smallest drop ratio of the schedule); checkpoint_every: the
-    blocks under activation checkpointing (ParallelSection.checkpoint_every: 0 none, 1 all, n every n-th)."""
+    blocks under activation checkpointing (ParallelSection.checkpoint_every: 0 none, 1 all, n every n-th);
+    shards: ranks FSDP splits the training state over (1 without FSDP)."""
     tokens = math.prod(model.token_grid(latent_shape))
     spec = model.spec
     kept_tokens = math.ceil(tokens * middle_keep)
@@ -103,7 +105,9 @@ def training_need(
     return MemoryNeed(
         "training",
         {
-            "weights + EMA + gradients + AdamW moments": 20 * _params(model),
+            # weights, gradients and AdamW's moments (16 bytes) are split over `shards` ranks under FSDP;
+            # the EMA copy (4 bytes) stays whole on every rank
+            "weights + EMA + gradients + AdamW moments": (16 * _params(model)) // shards + 4 * _params(model),
             "one batch of clips": batch_size * 3 * math.prod(clip_shape) * 4,
             "activations kept for backward": batch_size
             * act_bytes

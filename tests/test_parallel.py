@@ -335,3 +335,11 @@ def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
 
 if __name__ == "__main__":  # a rank of test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path
     fsdp_worker(Path(sys.argv[1]))
+
+
+def test_the_training_need_splits_the_sharded_state_but_not_the_ema(tiny_model):
+    params = sum(p.numel() for p in tiny_model.parameters())
+    key = "weights + EMA + gradients + AdamW moments"
+    whole = training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False).parts[key]
+    sharded = training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False, shards=4).parts[key]
+    assert whole == 20 * params and sharded == (16 * params) // 4 + 4 * params

@@ -255,6 +255,7 @@ class Trainer:
                 self.precision == "bf16",
                 middle_keep=keep,
                 checkpoint_every=cfg.parallel.checkpoint_every,
+                shards=self.world.size if cfg.parallel.fsdp else 1,
             )
             for shape in sorted(shapes)
         ]
