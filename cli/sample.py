@@ -57,8 +57,10 @@ def register(app: typer.Typer) -> None:
             )
             tasks: list = []
 
-            def advance(done: int, total: int) -> None:  # the bar appears with the first finished batch
+            def advance(done: int, total: int) -> None:  # a bar from the first batch, when more follow
                 if not tasks:
+                    if done >= total:
+                        return  # one batch: nothing left to show progress for
                     progress.start()
                     tasks.append(progress.add_task("sample", total=total))
                 progress.update(tasks[0], advance=done)

@@ -55,10 +55,17 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _commit(stage: Path, out_dir: Path) -> None:
-    """Move every entry of `stage` over its namesake in `out_dir`."""
+def _commit(stage: Path, out_dir: Path, names: tuple[str, ...]) -> None:
+    """Move every entry of `stage` over its namesake in `out_dir`; an entry of `names` (the set's possible
+    members) that this set lacks is removed, so no member of an earlier set stays beside the new one."""
     with _signals_held():
+        staged = {entry.name for entry in stage.iterdir()}
+        for name in names:
+            if name not in staged and (out_dir / name).exists():
+                os.replace(out_dir / name, stage / f".old-{name}")  # deleted with the stage
         for entry in sorted(stage.iterdir()):
+            if entry.name.startswith(".old-"):
+                continue
             target = out_dir / entry.name
             if entry.is_dir() and target.is_dir():  # replace a folder whole: no old files mixed in
                 old = stage / f".old-{entry.name}"
@@ -69,8 +76,9 @@ def _commit(stage: Path, out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_set(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a stage directory inside `out_dir`; commit its entries together on success."""
+def output_set(out_dir: str | Path, names: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a stage directory inside `out_dir`; commit its entries together on success. `names`: every
+    entry a set may hold (those the new set lacks are removed at the commit)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_dead_stages(out_dir)
@@ -78,6 +86,6 @@ def output_set(out_dir: str | Path) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
-        _commit(stage, out_dir)
+        _commit(stage, out_dir, names)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

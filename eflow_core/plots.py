@@ -17,7 +17,6 @@ optional `plots` extra; drawn on a bare Figure with the Agg canvas (no pyplot st
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 from eflow.atomic import atomic_path
 from eflow.errors import ConfigError, EflowError
 from eflow.run_dir import METRICS
+from eflow.train.metrics import read_metrics
 
 VALIDATION_PREFIXES = ("val_", "val/", "eval_", "eval/")
 
@@ -84,15 +84,7 @@ def read_run(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise EflowError(f"{run_dir} has no {METRICS}; give run directories written by `eflow train`")
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and _is_number(record.get("step")):
-            records.append(record)
-    return records
+    return [record for record in read_metrics(path) if _is_number(record.get("step"))]
 
 
 def run_labels(run_dirs: Sequence[Path]) -> list[str]:

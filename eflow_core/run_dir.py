@@ -40,12 +40,18 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(directory: str | Path) -> int | None:
+    """The step a committed checkpoint directory is named for (step_00000250 -> 250); None for another name."""
+    match = _STEP_DIR.match(Path(directory).name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """The committed checkpoint directories of a run, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(step, p) for p in root.iterdir() if (step := step_of(p)) is not None and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 

@@ -87,7 +87,8 @@ def sample_run(
             "as its own mp4 (videos/000000.mp4, ...)"
         )
     grid: list[torch.Tensor] = []
-    with output_set(out_dir) as stage:
+    set_names = ("samples.mp4", "samples.gif", "samples.png", "videos")  # all a call may write
+    with output_set(out_dir, set_names) as stage:
         try:
             # this module's `generate`, looked up per call, so a caller can watch the batches
             for start, videos in pipe.batches(plan, generate=generate):

@@ -40,8 +40,10 @@ class DuplicateNameError(EflowError):
 CAPABILITIES: dict[str, dict[str, tuple[type, Any]]] = {
     # one full softmax block after every K blocks of this backend (the preset's softmax_ratio; GLGA, EFlow 4.1)
     "attention": {"hybrid": (bool, False)},
-    # the sampler `eflow sample` uses for runs trained with this objective
-    "objective": {"default_sampler": (str, "euler")},
+    # default_sampler: the sampler `eflow sample` uses for runs trained with this objective;
+    # same_calls_every_rank: every rank makes the same model calls in every step whatever its batch draws
+    # (then FSDP may gather weights per call: parallel.fsdp_reshard_after_forward)
+    "objective": {"default_sampler": (str, "euler"), "same_calls_every_rank": (bool, False)},
     # whether items carry class labels (False: captions only, so a run on it is text-conditioned)
     "dataset": {"labels": (bool, True)},
 }

@@ -106,6 +106,8 @@ def test_each_writes_every_video_and_a_new_call_replaces_the_whole_set(tmp_path,
         "000000.mp4",
         "000001.mp4",
     ]  # no stale third
+    assert invoke("sample", run_dir, "--out", out, "--num", 2).exit_code == 0
+    assert not (out / "videos").exists()  # a set without --each leaves no videos of an earlier one
     assert not list(out.glob(f"{STAGE_PREFIX}*"))
 
 

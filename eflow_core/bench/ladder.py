@@ -22,6 +22,7 @@ over the first rung are set.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -215,7 +216,7 @@ def token_grid(parts: Parts) -> tuple[int, int, int]:
 
 
 # ----- the spec and the run of a ladder ----------------------------------------------------------------
-class LadderSpec:
+class LadderSpec(ABC):
     """What TrainLadderSpec and SampleLadderSpec share (dataclasses with base, rungs, warmup, device,
     dtype, seed and timing fields of their own): the checks, the clip's layout, the recorded parameters."""
 
@@ -226,17 +227,17 @@ class LadderSpec:
     dtype: str  # autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32
     seed: int
 
+    @abstractmethod
     def config_of(self, rung: Any) -> RunConfig:
         """The base config with the rung's settings."""
-        raise NotImplementedError
 
+    @abstractmethod
     def limits(self) -> list[tuple[str, int, int]]:
         """(flag, value, least allowed) of the spec's counts."""
-        raise NotImplementedError
 
+    @abstractmethod
     def timing_parameters(self) -> dict[str, Any]:
         """The batch and the counts as recorded in results.json (after the clip, before the device)."""
-        raise NotImplementedError
 
     def validate(self) -> list[RunConfig]:
         """Every rung's config, checked (names, options, the clip against the patch) before anything runs."""

@@ -32,7 +32,7 @@ from eflow.config import RunConfig, build_config, load_run_config, parse_assignm
 from eflow.distill.teacher import check_compatible, check_velocity_teacher, load_teacher
 from eflow.distill.tiles import TileSearch, calibration_batches, search_tiles, tile_candidates
 from eflow.errors import EflowError
-from eflow.run_dir import CONFIG, EMA, MANIFEST, MODEL, latest_checkpoint
+from eflow.run_dir import CONFIG, EMA, MODEL
 from eflow.train import checkpoint
 
 TILES_JSON = "tiles.json"  # the search's table, beside the tile stage's run
@@ -128,14 +128,9 @@ def init_run(run_dir: Path, cfg: RunConfig, init_from: Path, weights: str = "ema
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    """The step of a run's newest checkpoint (its manifest's), -1 without one."""
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        return -1
-    try:
-        return int(json.loads((latest / MANIFEST).read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return int(torch.load(latest / checkpoint.STATE, map_location="cpu", weights_only=True)["step"])
+    """The step of a run's newest checkpoint, -1 without one."""
+    step = checkpoint.checkpoint_step(run_dir)
+    return -1 if step is None else step
 
 
 def train_stage(

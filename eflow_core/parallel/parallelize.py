@@ -23,11 +23,6 @@ from eflow.model.flex import raise_recompile_limit
 from eflow.parallel.config import ParallelSection
 from eflow.train.distributed import World
 
-# Dynamo's recompile limit per code object. Every block shares DiTBlock.forward (so identical blocks
-# share compiled code) and its variants add up: softmax and GLGA blocks, grad and no-grad passes, dense
-# and token-dropped contexts, train and eval (EMA) mode, batch 1. Past the default 8 Dynamo silently
-# runs the block eagerly.
-
 
 def model_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks in global order: encoder, middle, decoder."""

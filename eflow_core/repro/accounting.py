@@ -36,6 +36,7 @@ from eflow.bench.model_flops import BACKWARD_FACTOR, forward_flops
 from eflow.config import RunConfig, load_run_config
 from eflow.registry import get_registry
 from eflow.run_dir import CONFIG, METRICS
+from eflow.train.metrics import read_metrics
 from eflow.train.trainer import Trainer
 
 SESSIONS = "repro_sessions.json"  # per run directory: the sittings that trained it (device, concurrency)
@@ -152,17 +153,7 @@ def model_facts(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
 def read_metrics_lines(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's records (a torn line skipped)."""
     path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return read_metrics(path) if path.is_file() else []
 
 
 def training_totals(run_dir: Path, steps: int) -> dict[str, Any]:

@@ -51,7 +51,8 @@ from eflow.errors import ConfigError, EflowError
 from eflow.repro.accounting import CountingTrainer, predicted_step_flops, record_session
 from eflow.repro.rows import resolve_row, select_rows, table_names, table_rows
 from eflow.repro.tables import TABLES, Row, Table
-from eflow.run_dir import MANIFEST, latest_checkpoint
+from eflow.train import checkpoint
+from eflow.train.trainer import TrainingStopped
 
 MATCH_CHOICES = ("iterations", "compute")
 SCALE_FLAGS = ("preset", "data", "frames", "size", "steps", "batch_size", "seed", "device")
@@ -204,7 +205,7 @@ def plan_table(spec: ReproSpec, table: Table, rows: list[Row], picked: list[str]
 def _predicted(cfg: RunConfig) -> float | None:
     try:
         return predicted_step_flops(cfg)
-    except (NotImplementedError, AttributeError, TypeError):  # a plugin the analytic counter cannot read
+    except NotImplementedError:  # a plugin the analytic counter cannot read
         return None
 
 
@@ -233,18 +234,7 @@ def groups(plans: list[RowPlan], only_selected: bool = True) -> list[list[RowPla
 # ----- state on disk ---------------------------------------------------------------------------------------
 def trained_step(run_dir: Path) -> int | None:
     """The optimizer step of the run's newest checkpoint; None without one."""
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        return None
-    try:
-        return int(json.loads((latest / MANIFEST).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        return int(latest.name.split("_")[-1])
-    except ValueError:
-        state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=True)
-        return int(state["step"])
+    return checkpoint.checkpoint_step(run_dir)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -360,7 +350,7 @@ def run_repro(spec: ReproSpec, console: Console | None = None, command: str = ""
 
 def _is_stop(err: EflowError) -> bool:
     """A user's Ctrl-C or a scheduler's SIGTERM during training (the trainer saved and stopped): stop all."""
-    return str(err).startswith(("stopped by", "aborted during"))
+    return isinstance(err, TrainingStopped)
 
 
 def run_group(group: list[RowPlan], spec: ReproSpec, console: Console) -> dict[str, str]:

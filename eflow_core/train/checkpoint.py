@@ -39,6 +39,7 @@ from eflow.run_dir import (
     checkpoint_dirs,
     latest_checkpoint,
     step_dir_name,
+    step_of,
 )
 
 FORMAT = 1  # manifest format version
@@ -271,6 +272,18 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, run_dir: Pa
                         f"{where} holds {name} of shape {tuple(value.shape)} for a parameter of shape "
                         f"{tuple(param.shape)}; was the config edited?"
                     )
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's newest checkpoint (its directory's name; the trainer state's in the flat
+    layout); None without one."""
+    latest = latest_checkpoint(Path(run_dir))
+    if latest is None:
+        return None
+    step = step_of(latest)
+    if step is not None:
+        return step
+    return int(torch.load(latest / STATE, map_location="cpu", weights_only=True)["step"])
 
 
 def has_checkpoint(run_dir: Path) -> bool:

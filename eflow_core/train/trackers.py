@@ -14,6 +14,7 @@ run id kept in RUN/wandb-run-id. Each tracker is an optional extra: `pip install
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -152,6 +153,8 @@ class Trackers:
                 call(tracker)
             except Exception as err:  # a tracker's trouble must not stop the run
                 self.trackers.pop(name)
+                with contextlib.suppress(Exception):  # release what it holds (files, a writer thread)
+                    tracker.close()
                 self.warn(
                     f"tracker {name} failed ({type(err).__name__}: {err}); it is off for the rest of the run"
                 )
@@ -176,7 +179,13 @@ def open_trackers(
     config: dict[str, Any],
     warn: Callable[[str], None] = print,
 ) -> Trackers:
-    """The trackers `names` of the run in `run_dir`, continuing from `start_step` (0: a fresh run)."""
-    return Trackers(
-        {name: TRACKERS[name](run_dir, start_step, config) for name in tracker_names(names)}, warn
-    )
+    """The trackers `names` of the run in `run_dir`, continuing from `start_step` (0: a fresh run); if one
+    cannot start, those already open are closed before the error goes on."""
+    opened = Trackers(warn=warn)
+    try:
+        for name in tracker_names(names):
+            opened.trackers[name] = TRACKERS[name](run_dir, start_step, config)
+    except BaseException:
+        opened.close()
+        raise
+    return opened

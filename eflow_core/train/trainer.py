@@ -100,6 +100,10 @@ class TrainResult:
     skipped: dict[str, int] | None = None  # skipped files by reason
 
 
+class TrainingStopped(EflowError):
+    """Training was stopped by a signal (SIGINT, SIGTERM): saved at a step boundary, or aborted by a second."""
+
+
 class Trainer:
     """Trains one run as its RunConfig says; `resume` continues the run in cfg.train.out exactly."""
 
@@ -217,12 +221,10 @@ class Trainer:
         """cfg.parallel on the online model (activation checkpointing, per-block compile, FSDP2 under
         torchrun) and, for speed, compile on the EMA copy, which stays whole and unsharded."""
         p = self.cfg.parallel
-        if (
-            p.fsdp
-            and self.world.size > 1
-            and p.fsdp_reshard_after_forward
-            and self.cfg.objective.name != "fm"
-        ):
+        same_calls = (
+            get_registry("objective").get(self.cfg.objective.name).capability("same_calls_every_rank")
+        )
+        if p.fsdp and self.world.size > 1 and p.fsdp_reshard_after_forward and not same_calls:
             raise EflowError(
                 f"parallel.fsdp_reshard_after_forward = true gathers weights per model call, so every rank "
                 f"must make the same calls; objective '{self.cfg.objective.name}' skips a pass whose group "
@@ -556,7 +558,7 @@ class Trainer:
                     progress.update(task, completed=done, info=progress_info(record))
                     if any_rank(stop.received is not None, self.world, self.device) and done < total:
                         self.save(done)
-                        raise EflowError(
+                        raise TrainingStopped(
                             f"stopped by {stop.received or 'a signal to another rank'} after step {done}; "
                             f"the run is saved in {self.run_dir}; continue with --resume"
                         )
@@ -565,7 +567,7 @@ class Trainer:
                     if cfg.train.preview_every and done % cfg.train.preview_every == 0 and done < total:
                         self.preview(done)
         except KeyboardInterrupt:  # a second signal, or an interrupt raised inside a step: save nothing
-            raise EflowError(f"aborted during step {done + 1}; {self._kept()}") from None
+            raise TrainingStopped(f"aborted during step {done + 1}; {self._kept()}") from None
         except (RuntimeError, MemoryError) as err:
             if not is_out_of_memory(err):
                 raise

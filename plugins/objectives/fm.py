@@ -144,4 +144,5 @@ def register_objectives(register):
         summary="flow matching: ||F(x_t,t,t,c) - (x1 - x0)||^2, label dropout for CFG; sample with euler",
         options=FMOptions,
         default_sampler="euler",
+        same_calls_every_rank=True,  # one full pass with gradient per sample, always
     )

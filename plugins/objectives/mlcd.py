@@ -315,6 +315,7 @@ def register_objectives(register):
         "sample with segment",
         options=MLCDOptions,
         default_sampler="segment",
+        same_calls_every_rank=True,
     )
     register(
         "attn-distill",
@@ -323,4 +324,5 @@ def register_objectives(register):
         "teacher; sample with euler",
         options=AttnDistillOptions,
         default_sampler="euler",
+        same_calls_every_rank=True,
     )
