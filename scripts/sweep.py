@@ -52,10 +52,10 @@ def run_one(name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: 
     run_dir = out / name
     log = (log_dir / f"{name}.log").open("a")
     flags = words(common.get("train")) + words(spec.get("train"))
-    state = run_dir / "trainer_state.pt"
+    started = any((run_dir / "checkpoints").glob("step_*"))  # a committed checkpoint (docs/configuration.md)
     done_marker = run_dir / "train_seconds.json"
     if not done_marker.exists():
-        resume = ["--resume"] if state.exists() else ["--overwrite"]
+        resume = ["--resume"] if started else ["--overwrite"]
         cmd = [*EFLOW, "train", *flags, "--out", str(run_dir), *resume]
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
