@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from eflow.cli.errors import err_console, user_errors
 from eflow.cli.options import choices
 from eflow.run_config import SCHEDULE_FLAGS, SIZE_FLAG, TRAIN_FLAGS, resolve_run_config
 
-MODEL, DATA, OPT, SCHED, RUN = "Model", "Data", "Objective & optimization", "Token drop schedule", "Run"
+MODEL, DATA, OPT, SCHED, RUN = "Model", "Data", "Objective & optimization", "Token drop and schedule", "Run"
 PAR = "Memory and parallelism (docs/scaling.md)"
 CONFIG_FLAGS = {*TRAIN_FLAGS, SIZE_FLAG, *SCHEDULE_FLAGS}  # the options that are config layers
 
@@ -39,7 +40,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         drop_ratio: Annotated[
             float | None,
-            typer.Option(help="drop ratio of the first stage (EFlow: 0.75)", rich_help_panel=SCHED),
+            typer.Option(
+                help="drop ratio of the first stage of schedule.stages (EFlow: 0.75)", rich_help_panel=SCHED
+            ),
         ] = None,
         drop_until: Annotated[
             float | None,
@@ -167,7 +170,14 @@ def register(app: typer.Typer) -> None:
             typer.Option("--print-config", help="print the resolved config and exit", rich_help_panel=RUN),
         ] = False,
     ) -> None:
-        """Train a video DiT (default: the EFlow recipe: GLGA, PDG-SFM + MVA, SPRINT 75% drop for 80% of steps)."""
+        """Train a video DiT (default: the EFlow recipe: GLGA, PDG-SFM + MVA, SPRINT 75% drop for 80% of steps).
+
+        The run's stages are one schedule section: schedule.stages tables tiling [0, 1] of the steps,
+        each with drop_ratio, dense_every, mva_share and optionally frames, height, width (a clip-size
+        curriculum). --drop-ratio, --drop-until and --dense-every write a one- or two-stage schedule;
+        write other schedules in a run.toml (docs/configuration.md). Old configs with
+        token_drop.stages / data.stages load, converted to schedule.stages with a note.
+        """
         given = locals()
         flags = {name: given[name] for name in CONFIG_FLAGS}
         # --track tensorboard,wandb = --track tensorboard --track wandb; not given: None, not []
@@ -180,7 +190,7 @@ def register(app: typer.Typer) -> None:
             notes: list[str] = []
             cfg = resolve_run_config(config, flags, set_, resume=resume, notes=notes)
             for note in notes:
-                err_console.print(f"[cyan]note:[/] {note}", highlight=False)
+                err_console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
             if print_config:
                 typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
                 return

@@ -100,7 +100,7 @@ def build_parts(cfg: RunConfig, *, with_dataset: bool = True) -> Parts:
         guidance_embed=cfg.model.guidance_embed,
     )
     model.token_grid((1, *latent_shape))  # fails early, naming the dimension, if the patch does not divide
-    check_stage_grids(model, autoencoder, d)  # the same for every curriculum stage and image clips
+    check_stage_grids(model, autoencoder, cfg.schedule, d)  # the same for every stage's clip size and images
     return Parts(
         dataset, autoencoder, Conditioner(d.condition, text_encoder), model, num_classes, latent_shape
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Iterable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,24 +60,43 @@ class ObjectiveSection(Section):
         return data
 
 
-class Stage(Section):
-    """A stretch of training [start, end) (fractions of the run) with its own token drop and MVA share."""
+DROP_FIELDS = ("drop_ratio", "dense_every", "mva_share")  # what a stage does to the model and objective
+SHAPE_FIELDS = ("frames", "height", "width")  # the clip size of a stage (the curriculum)
+
+
+class ScheduleStage(Section):
+    """A stretch [start, end) of training (fractions of the steps): its token drop, MVA share and clip size."""
 
     start: float = Field(ge=0.0, le=1.0, description="where the stage starts, as a fraction of steps")
     end: float = Field(ge=0.0, le=1.0, description="where the stage ends, as a fraction of steps")
     drop_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of tokens the middle stack drops")
     dense_every: int = Field(0, ge=0, description="one dense (no-drop) step every n steps; 0 = never")
     mva_share: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the batch trained with MVA")
+    frames: int | None = Field(None, ge=1, description="frames per clip; unset = data.frames")
+    height: int | None = Field(None, ge=1, description="clip height in pixels; unset = data.height")
+    width: int | None = Field(None, ge=1, description="clip width in pixels; unset = data.width")
 
     @model_validator(mode="after")
-    def _ordered(self) -> Stage:
+    def _ordered(self) -> ScheduleStage:
         if self.end <= self.start:
             raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
         return self
 
+    def sets_shape(self) -> bool:
+        """Whether the stage sets any of frames / height / width."""
+        return any(getattr(self, name) is not None for name in SHAPE_FIELDS)
 
-def check_contiguous(stages: list) -> None:
-    """Stages (with .start/.end) must tile [0, 1]: start at 0, each where the last ended, end at 1."""
+    def shape(self, data: DataSection) -> tuple[int, int, int]:
+        """(frames, height, width) of the stage's clips: its own where set, else the data section's."""
+        return (
+            data.frames if self.frames is None else self.frames,
+            data.height if self.height is None else self.height,
+            data.width if self.width is None else self.width,
+        )
+
+
+def check_contiguous(stages: list[ScheduleStage]) -> None:
+    """Stages must tile [0, 1]: start at 0, each where the last ended, end at 1."""
     if stages[0].start != 0.0:
         raise ValueError(f"stages[0].start must be 0 (got {stages[0].start})")
     for i in range(1, len(stages)):
@@ -91,30 +112,44 @@ def check_contiguous(stages: list) -> None:
         raise ValueError(f"stages[-1].end must be 1 (got {stages[-1].end})")
 
 
-def eflow_stages() -> list[Stage]:
+def eflow_stages() -> list[ScheduleStage]:
     """EFlow's Kinetics recipe (C.1): 75% drop, no MVA for 80% of steps; then dense with MVA."""
     return [
-        Stage(start=0.0, end=0.8, drop_ratio=0.75, mva_share=0.0),
-        Stage(start=0.8, end=1.0, drop_ratio=0.0, mva_share=0.25),
+        ScheduleStage(start=0.0, end=0.8, drop_ratio=0.75, mva_share=0.0),
+        ScheduleStage(start=0.8, end=1.0, drop_ratio=0.0, mva_share=0.25),
     ]
 
 
-class TokenDropSection(Section):
-    """Token dropping for the middle stack (registry 'token_drop') and its stage schedule."""
+def merge_stages(*schedules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stage lists (dicts with start, end and some fields) that each tile [0, 1], merged on all their
+    breakpoints: each merged stage takes the fields of the stage of every list that covers it."""
+    cuts = sorted({stage["start"] for stages in schedules for stage in stages} | {1.0})
+    merged = []
+    for start, end in pairwise(cuts):
+        stage = {"start": start, "end": end}
+        for stages in schedules:
+            cover = next(s for s in stages if s["start"] <= start < s["end"])
+            stage.update({k: v for k, v in cover.items() if k not in ("start", "end")})
+        merged.append(stage)
+    return merged
 
-    name: str = Field("sprint", description="token-drop strategy: none, random, sprint")
-    options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy")
-    stages: list[Stage] = Field(default_factory=eflow_stages, description="the stage schedule")
+
+class ScheduleSection(Section):
+    """The stages of a run, tiling [0, 1] of the steps: token drop, MVA share and clip size of each."""
+
+    stages: list[ScheduleStage] = Field(
+        default_factory=eflow_stages, description="the stages, in order; default: EFlow's Kinetics recipe"
+    )
 
     @model_validator(mode="after")
-    def _contiguous(self) -> TokenDropSection:
+    def _contiguous(self) -> ScheduleSection:
         if not self.stages:
             raise ValueError("stages: give at least one stage")
         check_contiguous(self.stages)
         return self
 
-    def stage_at(self, step: int, total_steps: int) -> tuple[int, Stage]:
-        """The stage index and stage for an optimizer step."""
+    def stage_at(self, step: int, total_steps: int) -> tuple[int, ScheduleStage]:
+        """The stage index and stage of an optimizer step."""
         frac = step / max(total_steps, 1)
         for i, stage in enumerate(self.stages):
             if frac < stage.end:
@@ -128,21 +163,32 @@ class TokenDropSection(Section):
             return 0.0
         return stage.drop_ratio
 
+    def shapes(self, data: DataSection) -> list[tuple[int, int, int]]:
+        """(frames, height, width) of every stage's clips, the data section's where a stage sets none."""
+        return [stage.shape(data) for stage in self.stages]
 
-class DataStage(Section):
-    """A stretch of training [start, end) (fractions of the run) with its own clip size (a curriculum)."""
+    def shape_at(self, step: int, total_steps: int, data: DataSection) -> tuple[int, int, int]:
+        """(frames, height, width) of the clips of an optimizer step."""
+        return self.stage_at(step, total_steps)[1].shape(data)
 
-    start: float = Field(ge=0.0, le=1.0, description="where the stage starts, as a fraction of steps")
-    end: float = Field(ge=0.0, le=1.0, description="where the stage ends, as a fraction of steps")
-    frames: int | None = Field(None, ge=1, description="frames per clip; unset = data.frames")
-    height: int | None = Field(None, ge=1, description="clip height in pixels; unset = data.height")
-    width: int | None = Field(None, ge=1, description="clip width in pixels; unset = data.width")
+    def view(self, fields: Iterable[str]) -> list[dict[str, Any]]:
+        """The stages seen through `fields` only ({start, end, *fields} each), neighbours that agree joined:
+        view(DROP_FIELDS) is the token-drop schedule, view(SHAPE_FIELDS) the clip-size curriculum."""
+        fields, out = tuple(fields), []
+        for stage in self.stages:
+            values = {name: getattr(stage, name) for name in fields}
+            if out and all(out[-1][name] == value for name, value in values.items()):
+                out[-1]["end"] = stage.end
+            else:
+                out.append({"start": stage.start, "end": stage.end, **values})
+        return out
 
-    @model_validator(mode="after")
-    def _ordered(self) -> DataStage:
-        if self.end <= self.start:
-            raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
-        return self
+
+class TokenDropSection(Section):
+    """Token dropping for the middle stack (registry 'token_drop'); its ratio per stage is in [schedule]."""
+
+    name: str = Field("sprint", description="token-drop strategy: none, random, sprint")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy")
 
 
 class DataSection(Section):
@@ -166,35 +212,6 @@ class DataSection(Section):
     image_ratio: float = Field(
         0.0, ge=0.0, le=1.0, description="share of steps trained on the dataset's images (one-frame clips)"
     )
-    stages: list[DataStage] = Field(
-        default_factory=list, description="clip-size curriculum; empty = frames x height x width throughout"
-    )
-
-    @model_validator(mode="after")
-    def _contiguous(self) -> DataSection:
-        if self.stages:
-            check_contiguous(self.stages)
-        return self
-
-    def shape_at(self, step: int, total_steps: int) -> tuple[int, int, int]:
-        """(frames, height, width) of the clips of an optimizer step."""
-        return self.stage_shape(self.stage_at(step, total_steps))
-
-    def stage_at(self, step: int, total_steps: int) -> int:
-        """Index of the data stage of a step (0 without stages)."""
-        frac = step / max(total_steps, 1)
-        for i, stage in enumerate(self.stages):
-            if frac < stage.end:
-                return i
-        return max(len(self.stages) - 1, 0)
-
-    def stage_shape(self, index: int) -> tuple[int, int, int]:
-        """(frames, height, width) of data stage `index` (the section's own size without stages)."""
-        if not self.stages:
-            return self.frames, self.height, self.width
-        stage = self.stages[index]
-        pick = lambda value, default: default if value is None else value  # noqa: E731
-        return pick(stage.frames, self.frames), pick(stage.height, self.height), pick(stage.width, self.width)
 
 
 class TrainSection(Section):
@@ -299,6 +316,7 @@ class RunConfig(Section):
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     token_drop: TokenDropSection = Field(default_factory=TokenDropSection)
     data: DataSection = Field(default_factory=DataSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     parallel: ParallelSection = Field(default_factory=ParallelSection)
@@ -364,10 +382,84 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
 
 
-def build_config(*layers: dict[str, Any], where: str = "run config") -> RunConfig:
-    """Validate defaults <- layers (later wins) into a RunConfig; errors name the dotted field."""
+LEGACY_STAGES = {"token_drop": DROP_FIELDS, "data": SHAPE_FIELDS}  # section -> what its old `stages` held
+
+
+def convert_legacy_stages(
+    layer: dict[str, Any], before: dict[str, Any], where: str
+) -> tuple[dict[str, Any], str | None]:
+    """A layer in the layout before [schedule] (token_drop.stages: the drop and MVA schedule; data.stages:
+    the clip-size curriculum) rewritten with schedule.stages, plus a note naming the keys it converted
+    (None when it has neither). The two lists merge on their breakpoints (merge_stages); one the layer
+    does not give is the schedule of the layers `before` it, seen through its fields. A layer that gives
+    schedule as well is an error."""
+    old = [name for name in LEGACY_STAGES if isinstance(layer.get(name), dict) and "stages" in layer[name]]
+    if not old:
+        return layer, None
+    keys = " and ".join(f"{name}.stages" for name in old)
+    if "schedule" in layer:
+        raise ConfigError(
+            f"{where} gives both schedule and the old {keys}; write the stages once, as schedule.stages"
+        )
+    try:
+        current = ScheduleSection.model_validate(before.get("schedule", {}))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, f"{where} (schedule)", ScheduleSection)) from None
+    parts = {name: current.view(fields) for name, fields in LEGACY_STAGES.items()}
+    layer = {name: dict(value) if name in old else value for name, value in layer.items()}
+    for name in old:
+        parts[name] = _legacy_stages(layer[name].pop("stages"), name, where)
+    layer["schedule"] = {"stages": merge_stages(*parts.values())}
+    note = (
+        f"{where}: {keys} read as schedule.stages; a run's stages are one [schedule] section now "
+        "(docs/configuration.md#schedule)"
+    )
+    return layer, note
+
+
+def _legacy_stages(items: Any, name: str, where: str) -> list[dict[str, Any]]:
+    """The stages of an old `{name}.stages` list as dicts of start, end and that section's fields,
+    validated with the errors naming the old key; an empty data.stages is data's size throughout."""
+    key, fields = f"{name}.stages", LEGACY_STAGES[name]
+    if name == "data" and items == []:
+        return [{"start": 0.0, "end": 1.0, **dict.fromkeys(fields)}]
+    allowed = ("start", "end", *fields)
+    problems = [
+        f"  {key}.{i}.{field}: unknown field; valid fields: {', '.join(allowed)}"
+        for i, item in enumerate(items if isinstance(items, list) else [])
+        if isinstance(item, dict)
+        for field in sorted(set(item) - set(allowed))
+    ]
+    if not problems:
+        try:
+            stages = ScheduleSection.model_validate({"stages": items}).stages
+            return [{field: getattr(stage, field) for field in allowed} for stage in stages]
+        except ValidationError as err:
+            for e in err.errors():
+                problems.append(f"  {'.'.join(str(p) for p in (key, *e['loc'][1:]))}: {e['msg']}")
+    raise ConfigError("\n".join([f"invalid {where}:", *problems]))
+
+
+def report_notes(found: list[str], notes: list[str] | None) -> None:
+    """Add each note of `found` to `notes` once, or warn with it (FutureWarning) when no list is given."""
+    for note in found:
+        if notes is None:
+            warnings.warn(note, FutureWarning, stacklevel=3)
+        elif note not in notes:
+            notes.append(note)
+
+
+def build_config(
+    *layers: dict[str, Any], where: str = "run config", notes: list[str] | None = None
+) -> RunConfig:
+    """Validate defaults <- layers (later wins) into a RunConfig; errors name the dotted field. A layer in
+    the old layout (token_drop.stages, data.stages) is converted first (convert_legacy_stages); the note
+    saying so goes to `notes`, or is a FutureWarning when no list is given."""
     merged: dict[str, Any] = {}
     for layer in layers:
+        layer, note = convert_legacy_stages(layer, merged, where)
+        if note is not None:
+            report_notes([note], notes)
         merged = deep_merge(merged, layer)
     try:
         return RunConfig.model_validate(merged)
@@ -375,9 +467,10 @@ def build_config(*layers: dict[str, Any], where: str = "run config") -> RunConfi
         raise ConfigError(format_validation_error(err, where, RunConfig)) from None
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
+def load_run_config(run_dir: str | Path, notes: list[str] | None = None) -> RunConfig:
     """The resolved config of a run directory: its newest checkpoint's config.json (what its weights were
-    trained with), else the one written when the run started."""
+    trained with), else the one written when the run started. A config.json from before [schedule] loads
+    with its stages converted (build_config; the note goes to `notes`)."""
     from eflow.run_dir import config_path
 
     path = config_path(run_dir)
@@ -393,4 +486,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         raise ConfigError(
             f"{path} is corrupt (a {type(data).__name__}, not a JSON object); retrain or restore it"
         )
-    return build_config(data, where=str(path))
+    found: list[str] = []
+    cfg = build_config(data, where=str(path), notes=found)
+    report_notes(found, notes)  # a warning names the caller, not this line
+    return cfg

@@ -7,9 +7,12 @@ Each source is a layer; a later layer wins, key by key (option tables merge per 
    else the default train.out);
 3. run.toml;
 4. the flags, by their `eflow train` names (TRAIN_FLAGS; `size` is "N" or "HxW");
-5. the schedule flags drop_ratio, drop_until and dense_every, which rewrite token_drop.stages starting
-   from the config resolved so far (schedule_layer);
+5. the schedule flags drop_ratio, drop_until and dense_every, which rewrite the token drop of
+   schedule.stages starting from the config resolved so far (schedule_layer);
 6. --set KEY=VALUE pairs, in order (eflow.config.parse_assignments).
+
+A source in the layout before [schedule] (token_drop.stages, data.stages) is converted to
+schedule.stages as it is layered (eflow.config.convert_legacy_stages), with a note.
 
 When no source sets data.condition, it is "text" if a text encoder was chosen or the dataset declares
 that it has no labels (text_condition_reason), and the train command says so in a note.
@@ -27,7 +30,18 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from eflow.config import RunConfig, build_config, load_run_config, load_toml, parse_assignments, set_dotted
+from eflow.config import (
+    DROP_FIELDS,
+    SHAPE_FIELDS,
+    RunConfig,
+    build_config,
+    load_run_config,
+    load_toml,
+    merge_stages,
+    parse_assignments,
+    report_notes,
+    set_dotted,
+)
 from eflow.errors import ConfigError
 from eflow.train.trackers import tracker_names
 
@@ -104,29 +118,28 @@ def schedule_layer(
     until: float | None = None,
     dense_every: int | None = None,
 ) -> dict:
-    """Stages from the simple flags: drop `ratio` for the first `until` of the steps, then dense.
-    A flag not given (None) keeps what `base` has; none given: no layer."""
+    """schedule.stages from the simple flags: drop `ratio` for the first `until` of the steps, then dense.
+    A flag not given (None) keeps what `base` has; the clip sizes of base's stages are kept (merged on
+    their breakpoints); none given: no layer."""
     if ratio is None and until is None and dense_every is None:
         return {}
-    stages = base.token_drop.stages
-    ratio = stages[0].drop_ratio if ratio is None else ratio
-    until = (stages[0].end if len(stages) > 1 else 1.0) if until is None else until
-    dense_every = stages[0].dense_every if dense_every is None else dense_every
-    mva_last = stages[-1].mva_share
+    drops = base.schedule.view(DROP_FIELDS)  # the token-drop schedule, without the clip sizes
+    ratio = drops[0]["drop_ratio"] if ratio is None else ratio
+    until = (drops[0]["end"] if len(drops) > 1 else 1.0) if until is None else until
+    dense_every = drops[0]["dense_every"] if dense_every is None else dense_every
+    mva_last = drops[-1]["mva_share"]
     if not 0 < until <= 1:
         raise ConfigError(f"--drop-until {until}: give a fraction of the steps in (0, 1]")
     if until >= 1.0:  # one stage: drop (or not) for the whole run; MVA, if on, for the whole run too
-        first = {
-            "start": 0.0,
-            "end": 1.0,
-            "drop_ratio": ratio,
-            "dense_every": dense_every,
-            "mva_share": mva_last,
-        }
-        return {"token_drop": {"stages": [first]}}
-    first = {"start": 0.0, "end": until, "drop_ratio": ratio, "dense_every": dense_every, "mva_share": 0.0}
-    last = {"start": until, "end": 1.0, "drop_ratio": 0.0, "dense_every": 0, "mva_share": mva_last}
-    return {"token_drop": {"stages": [first, last]}}
+        drops = [
+            {"start": 0.0, "end": 1.0, "drop_ratio": ratio, "dense_every": dense_every, "mva_share": mva_last}
+        ]
+    else:
+        drops = [
+            {"start": 0.0, "end": until, "drop_ratio": ratio, "dense_every": dense_every, "mva_share": 0.0},
+            {"start": until, "end": 1.0, "drop_ratio": 0.0, "dense_every": 0, "mva_share": mva_last},
+        ]
+    return {"schedule": {"stages": merge_stages(drops, base.schedule.view(SHAPE_FIELDS))}}
 
 
 def resume_dir(toml: Mapping[str, Any] | None, out: str | None) -> str:
@@ -180,19 +193,22 @@ def resolve_run_config(
     """defaults -> (saved config when resuming) -> run.toml -> flags -> schedule flags -> --set, validated
     and checked (check_run_config). `flags` by their `eflow train` names (TRAIN_FLAGS, size, SCHEDULE_FLAGS;
     None = not given); `sets`: "section.field=value" pairs. data.condition, when no source sets it, is
-    "text" if text_condition_reason finds one; `notes` (if given) gets a line saying so."""
+    "text" if text_condition_reason finds one; `notes` (if given) gets a line saying so, and one for
+    a source whose old token_drop.stages / data.stages were converted (else that is a FutureWarning)."""
     flags = dict(flags or {})
     unknown = sorted(set(flags) - set(TRAIN_FLAGS) - {SIZE_FLAG, *SCHEDULE_FLAGS})
     if unknown:
         raise ConfigError(f"unknown train flag(s): {', '.join(unknown)}")
     toml = load_toml(config) if config is not None else None
+    converted: list[str] = []  # sources whose token_drop.stages / data.stages became schedule.stages
     layers: list[dict] = []
     if resume:
-        layers.append(load_run_config(resume_dir(toml, flags.get("out"))).model_dump(mode="json"))
+        saved = load_run_config(resume_dir(toml, flags.get("out")), notes=converted)
+        layers.append(saved.model_dump(mode="json"))
     if toml is not None:
         layers.append(toml)
     layers.append(config_layer(flags, TRAIN_FLAGS))
-    base = build_config(*layers)
+    base = build_config(*layers, notes=converted)
     layers.append(schedule_layer(base, *(flags.get(name) for name in SCHEDULE_FLAGS)))
     layers.append(parse_assignments(sets))
     reason = text_condition_reason(layers)
@@ -200,6 +216,7 @@ def resolve_run_config(
         layers.insert(0, {"data": {"condition": "text"}})  # under every source: none of them set it
         if notes is not None:
             notes.append(f"data.condition = text ({reason}; --condition label to override)")
-    cfg = build_config(*layers)
+    cfg = build_config(*layers, notes=converted)
+    report_notes(converted, notes)
     check_run_config(cfg)
     return cfg

@@ -40,9 +40,9 @@ recipe, ac, *rest = case.split("-")
 dense = [{"start": 0.0, "end": 1.0, "drop_ratio": 0.0, "mva_share": 0.25 if recipe == "eflow" else 0.0}]
 layers = {
     "fm": {"model": {"attention": "softmax"}, "objective": {"name": "fm", "options": {}},
-           "token_drop": {"name": "none", "stages": dense}},
+           "token_drop": {"name": "none"}, "schedule": {"stages": dense}},
     "eflow": {"model": {"attention": "glga"}, "objective": {"name": "pdg-sfm", "options": {"mva": True}},
-              "token_drop": {"stages": dense}},
+              "schedule": {"stages": dense}},
 }[recipe]
 run = f"/tmp/gpu_parallel/{case}"
 shutil.rmtree(run, ignore_errors=True)

@@ -103,9 +103,24 @@ def test_missing_config_file(tmp_path):
 def test_overlapping_stages_name_the_fields(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(
-        "[[token_drop.stages]]\nstart = 0.0\nend = 0.8\n[[token_drop.stages]]\nstart = 0.5\nend = 1.0\n"
+        "[[schedule.stages]]\nstart = 0.0\nend = 0.8\n[[schedule.stages]]\nstart = 0.5\nend = 1.0\n"
     )
     assert_clean_error(run("train", "--config", config, *TINY), "stages[1]", "overlaps stages[0]")
+
+
+def test_a_run_toml_with_the_old_stage_lists_trains_their_schedule_and_says_so(tmp_path):
+    config = tmp_path / "old.toml"
+    config.write_text(
+        "[[token_drop.stages]]\nstart = 0.0\nend = 1.0\ndrop_ratio = 0.5\n"
+        "[[data.stages]]\nstart = 0.0\nend = 1.0\nframes = 2\n"
+    )
+    result = run("train", "--config", config, *TINY, "--print-config")
+    assert result.exit_code == 0, result.output
+    words = " ".join(result.output.split())
+    assert "note:" in words and "token_drop.stages and data.stages read as schedule.stages" in words
+    cfg = json.loads(result.output[result.output.index("{\n") :])
+    assert [(s["drop_ratio"], s["frames"]) for s in cfg["schedule"]["stages"]] == [(0.5, 2)]
+    assert "stages" not in cfg["token_drop"] and "stages" not in cfg["data"]
 
 
 def test_mva_with_fm_is_refused():

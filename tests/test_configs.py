@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eflow.assembly import build_parts, validate_plugins
-from eflow.config import RunConfig, Stage, build_config, eflow_stages, load_toml
+from eflow.config import RunConfig, ScheduleStage, build_config, eflow_stages, load_toml
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
@@ -30,7 +30,7 @@ def test_kinetics_config_is_the_eflow_recipe():
     cfg = build_config(load_toml(ROOT / "configs" / "eflow-kinetics-xl.toml"))
     assert (cfg.model.preset, cfg.model.attention, cfg.objective.name) == ("XL", "glga", "pdg-sfm")
     assert cfg.objective.options["mva"] is True
-    assert cfg.token_drop.stages == eflow_stages()  # 75% drop without MVA for 80%, then dense with MVA
+    assert cfg.schedule.stages == eflow_stages()  # 75% drop without MVA for 80%, then dense with MVA
     assert (cfg.train.lr, cfg.train.batch_size) == (1e-4, 256)
     assert (cfg.sample.steps, cfg.sample.guidance) == (4, 4.0)
 
@@ -38,7 +38,7 @@ def test_kinetics_config_is_the_eflow_recipe():
 def test_tiny_cpu_config_matches_the_defaults_it_spells_out():
     cfg = build_config(load_toml(ROOT / "configs" / "tiny-cpu.toml"))
     defaults = RunConfig()
-    for section in ("model", "objective", "token_drop", "data"):
+    for section in ("model", "objective", "token_drop", "data", "schedule"):
         assert getattr(cfg, section) == getattr(defaults, section), section
 
 
@@ -58,7 +58,7 @@ def test_configuration_doc_quotes_the_shipped_configs_verbatim():
 def test_configuration_doc_lists_every_field():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     sections = {name: field.annotation for name, field in RunConfig.model_fields.items()}
-    sections["token_drop.stages[]"] = Stage
+    sections["schedule.stages[]"] = ScheduleStage
     for section, model in sections.items():
         for field in model.model_fields:
             assert f"`{field}`" in doc, f"{section}.{field} is not documented in docs/configuration.md"

@@ -16,7 +16,7 @@ from eflow.cli.app import app
 from eflow.condition import Condition
 from eflow.config import build_config, load_run_config
 from eflow.distill.capture import attention_modules
-from eflow.distill.stages import STAGE_DIRS, run_pipeline
+from eflow.distill.stages import STAGE_DIRS, run_pipeline, student_config
 from eflow.distill.teacher import Teacher, check_compatible, check_velocity_teacher
 from eflow.distill.tiles import CalibrationBatch, search_tiles, tile_candidates
 from eflow.errors import ConfigError, EflowError
@@ -40,7 +40,8 @@ def teacher_config(out):
         {
             "objective": {"name": "fm"},
             "model": {"attention": "softmax"},
-            "token_drop": {"name": "none", "stages": [{"start": 0.0, "end": 1.0, "drop_ratio": 0.0}]},
+            "token_drop": {"name": "none"},
+            "schedule": {"stages": [{"start": 0.0, "end": 1.0, "drop_ratio": 0.0}]},
             "data": {"frames": 4},
         },
     )
@@ -260,6 +261,17 @@ def test_a_per_block_tile_list_of_the_wrong_length_names_the_field():
 
 
 # ----- refused teachers ---------------------------------------------------------------------------
+
+
+def test_a_student_trains_dense_in_every_stage_and_keeps_the_stages_clip_sizes(tmp_path):
+    stages = [
+        {"start": 0.0, "end": 0.5, "drop_ratio": 0.75, "dense_every": 4, "frames": 2},
+        {"start": 0.5, "end": 1.0, "mva_share": 0.25},
+    ]
+    base = build_config({"schedule": {"stages": stages}, "data": {"frames": 4}})
+    cfg = student_config(base, tmp_path / "student", objective="fm", options={})
+    got = [(s.end, s.drop_ratio, s.dense_every, s.mva_share, s.frames) for s in cfg.schedule.stages]
+    assert got == [(0.5, 0.0, 0, 0.0, 2), (1.0, 0.0, 0, 0.0, None)]
 
 
 def test_incompatible_teachers_are_refused_naming_the_field(teacher_run, student_run, tmp_path):

@@ -22,10 +22,12 @@ from eflow.train.trainer import Trainer
 pytestmark = pytest.mark.usefixtures("restore_threads", "private_cache")
 
 
-def run_config(out, data=None, **train):
-    """A tiny run: the FM objective (one forward pass a sample) on 2 x 8 x 8 clips, unless overridden."""
+def run_config(out, data=None, stages=None, **train):
+    """A tiny run: the FM objective (one forward pass a sample) on 2 x 8 x 8 clips, unless overridden;
+    `stages`: schedule.stages."""
     return build_config(
         {
+            **({"schedule": {"stages": stages}} if stages is not None else {}),
             "model": {"attention": "softmax"},
             "objective": {"name": "fm"},
             "data": {"frames": 2, "height": 8, "width": 8, **(data or {})},
@@ -241,7 +243,7 @@ def test_curriculum_changes_clip_size_and_the_model_follows_the_grid(tmp_path, m
 
     monkeypatch.setattr(Trainer, "_x0", recording)
     stages = [{"start": 0.0, "end": 0.5, "frames": 2, "height": 8, "width": 8}, {"start": 0.5, "end": 1.0}]
-    cfg = run_config(tmp_path / "cur", {"frames": 4, "height": 16, "width": 16, "stages": stages})
+    cfg = run_config(tmp_path / "cur", {"frames": 4, "height": 16, "width": 16}, stages)
     trainer = Trainer(cfg, progress=False)
     trainer.run()
     assert shapes == [(2, 8, 8), (2, 8, 8), (4, 16, 16), (4, 16, 16)]
@@ -253,11 +255,13 @@ def test_curriculum_changes_clip_size_and_the_model_follows_the_grid(tmp_path, m
 
 def test_curriculum_stages_are_validated_naming_the_field(tmp_path):
     with pytest.raises(ConfigError, match="gap between stages"):
-        run_config(tmp_path, {"stages": [{"start": 0, "end": 0.5}, {"start": 0.6, "end": 1}]})
-    with pytest.raises(ConfigError, match=r"data\.stages\.0\.heigth"):
-        run_config(tmp_path, {"stages": [{"start": 0, "end": 1, "heigth": 8}]})
+        run_config(tmp_path, stages=[{"start": 0, "end": 0.5}, {"start": 0.6, "end": 1}])
+    with pytest.raises(ConfigError, match=r"schedule\.stages\.0\.heigth"):
+        run_config(tmp_path, stages=[{"start": 0, "end": 1, "heigth": 8}])
+    with pytest.raises(ConfigError, match=r"data\.stages\.0\.drop_ratio: unknown field"):  # the old layout
+        run_config(tmp_path, {"stages": [{"start": 0, "end": 1, "drop_ratio": 0.5}]})
     cfg = run_config(
-        tmp_path / "x", {"stages": [{"start": 0, "end": 0.5}, {"start": 0.5, "end": 1, "height": 10}]}
+        tmp_path / "x", stages=[{"start": 0, "end": 0.5}, {"start": 0.5, "end": 1, "height": 10}]
     )
-    with pytest.raises(ConfigError, match=r"data.stages\[1\] \(2 frames of 10x8\).*height"):
+    with pytest.raises(ConfigError, match=r"schedule.stages\[1\] \(2 frames of 10x8\).*height"):
         Trainer(cfg, progress=False).run()

@@ -78,7 +78,7 @@ def test_every_row_builds_the_paper_configuration(tmp_path):
                 assert cfg.model.attention_options["branches"] == branches
             assert cfg.objective.name == objective
             assert bool(cfg.objective.options.get("mva", False)) is mva
-            stages = [(s.start, s.end, s.drop_ratio) for s in cfg.token_drop.stages]
+            stages = [(s.start, s.end, s.drop_ratio) for s in cfg.schedule.stages]
             if dropping:  # Sec. 5.1 / App. C.1: 75% for the first 80% of the steps, SPRINT, then dense
                 assert cfg.token_drop.name == "sprint" and stages == [(0.0, 0.8, 0.75), (0.8, 1.0, 0.0)]
             else:

@@ -44,14 +44,114 @@ def test_layers_defaults_toml_flags_schedule_then_set(tmp_path):
     cfg = resolve_run_config(toml, {"steps": 9, "size": "16x24", "drop_ratio": 0.5}, ["train.steps=11"])
     assert (cfg.train.steps, cfg.train.lr, cfg.model.attention) == (11, 0.5, "softmax")
     assert (cfg.data.height, cfg.data.width) == (16, 24)
-    assert [(s.end, s.drop_ratio) for s in cfg.token_drop.stages] == [(0.8, 0.5), (1.0, 0.0)]
+    assert [(s.end, s.drop_ratio) for s in cfg.schedule.stages] == [(0.8, 0.5), (1.0, 0.0)]
     assert cfg.sample.sampler_options or cfg.objective.options  # plugin options written out in full
     # --set replaces the stages the schedule flags wrote
     cfg = resolve_run_config(
-        None, {"drop_ratio": 0.2}, ["token_drop.stages=[{start=0.0, end=1.0, drop_ratio=0.5}]"]
+        None, {"drop_ratio": 0.2}, ["schedule.stages=[{start=0.0, end=1.0, drop_ratio=0.5}]"]
     )
-    assert [(s.end, s.drop_ratio) for s in cfg.token_drop.stages] == [(1.0, 0.5)]
-    assert resolve_run_config(None, {"drop_until": 1.0, "drop_ratio": 0.3}).token_drop.stages[0].end == 1.0
+    assert [(s.end, s.drop_ratio) for s in cfg.schedule.stages] == [(1.0, 0.5)]
+    assert resolve_run_config(None, {"drop_until": 1.0, "drop_ratio": 0.3}).schedule.stages[0].end == 1.0
+
+
+def test_schedule_flags_keep_the_clip_sizes_of_the_stages(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        "[[schedule.stages]]\nstart = 0.0\nend = 0.5\nheight = 16\n"
+        "[[schedule.stages]]\nstart = 0.5\nend = 1.0\ndrop_ratio = 0.5\n"
+    )
+    cfg = resolve_run_config(toml, {"drop_until": 0.25, "drop_ratio": 0.75})
+    got = [(s.start, s.end, s.drop_ratio, s.height) for s in cfg.schedule.stages]
+    assert got == [(0.0, 0.25, 0.75, 16), (0.25, 0.5, 0.0, 16), (0.5, 1.0, 0.0, None)]
+    assert cfg.schedule.shapes(cfg.data) == [(8, 16, 32), (8, 16, 32), (8, 32, 32)]
+    assert cfg.schedule.view(["height"]) == [
+        {"start": 0.0, "end": 0.5, "height": 16},
+        {"start": 0.5, "end": 1.0, "height": None},
+    ]
+
+
+OLD_TOKEN_DROP = [
+    {"start": 0.0, "end": 0.8, "drop_ratio": 0.75, "dense_every": 0, "mva_share": 0.0},
+    {"start": 0.8, "end": 1.0, "drop_ratio": 0.0, "dense_every": 0, "mva_share": 0.25},
+]
+OLD_DATA = [
+    {"start": 0.0, "end": 0.5, "frames": 4, "height": 16, "width": None},
+    {"start": 0.5, "end": 1.0, "frames": None, "height": None, "width": None},
+]
+
+
+def old_run(folder, data_stages):
+    """A run directory with a config.json written before [schedule]: token_drop.stages, data.stages."""
+    tree = RunConfig().model_dump(mode="json")
+    del tree["schedule"]
+    tree["token_drop"]["stages"] = OLD_TOKEN_DROP
+    tree["data"]["stages"] = data_stages
+    tree["train"]["out"] = str(folder)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(tree))
+    return folder
+
+
+def test_an_old_config_json_resumes_with_its_stages_merged_into_schedule(tmp_path):
+    run = old_run(tmp_path / "run", OLD_DATA)
+    notes = []
+    cfg = resolve_run_config(None, {"out": str(run)}, resume=True, notes=notes)
+    got = [(s.start, s.end, s.drop_ratio, s.mva_share, s.frames, s.height) for s in cfg.schedule.stages]
+    assert got == [
+        (0.0, 0.5, 0.75, 0.0, 4, 16),  # drop and MVA from the token-drop stage, shape from the data stage
+        (0.5, 0.8, 0.75, 0.0, None, None),
+        (0.8, 1.0, 0.0, 0.25, None, None),
+    ]
+    assert notes == [
+        f"{run / 'config.json'}: token_drop.stages and data.stages read as schedule.stages; "
+        "a run's stages are one [schedule] section now (docs/configuration.md#schedule)"
+    ]
+    # step by step, the same drop ratio, MVA share and clip size as the two old lists gave
+    old = RunConfig()
+    for step in range(cfg.train.steps):
+        frac = step / cfg.train.steps
+        drop = next(s for s in OLD_TOKEN_DROP if frac < s["end"])
+        shape = next(s for s in OLD_DATA if frac < s["end"])
+        stage = cfg.schedule.stage_at(step, cfg.train.steps)[1]
+        assert (stage.drop_ratio, stage.mva_share) == (drop["drop_ratio"], drop["mva_share"])
+        assert cfg.schedule.shape_at(step, cfg.train.steps, cfg.data) == (
+            shape["frames"] or old.data.frames,
+            shape["height"] or old.data.height,
+            shape["width"] or old.data.width,
+        )
+    # without a curriculum (data.stages = []) the stages are the token-drop ones, as a new run's
+    plain = resolve_run_config(None, {"out": str(old_run(tmp_path / "plain", []))}, resume=True, notes=[])
+    assert plain.schedule == RunConfig().schedule
+
+
+def test_old_stage_keys_convert_per_layer_and_warn_without_a_notes_list(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        "[[data.stages]]\nstart = 0.0\nend = 0.5\nframes = 2\n[[data.stages]]\nstart = 0.5\nend = 1.0\n"
+    )
+    with pytest.warns(FutureWarning, match=r"data\.stages read as schedule\.stages"):
+        cfg = resolve_run_config(toml, {"drop_ratio": 0.5})
+    got = [(s.start, s.end, s.drop_ratio, s.frames) for s in cfg.schedule.stages]
+    assert got == [(0.0, 0.5, 0.5, 2), (0.5, 0.8, 0.5, None), (0.8, 1.0, 0.0, None)]
+    # an old key in a later layer keeps what earlier layers set for the other half
+    cfg = resolve_run_config(
+        toml, {}, ["token_drop.stages=[{start=0.0, end=1.0, drop_ratio=0.25}]"], notes=[]
+    )
+    assert [(s.end, s.drop_ratio, s.frames) for s in cfg.schedule.stages] == [
+        (0.5, 0.25, 2),
+        (1.0, 0.25, None),
+    ]
+
+
+def test_old_stage_keys_and_schedule_together_are_an_error(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        "[[token_drop.stages]]\nstart = 0.0\nend = 1.0\n[[schedule.stages]]\nstart = 0.0\nend = 1.0\n"
+    )
+    with pytest.raises(ConfigError, match=r"gives both schedule and the old token_drop\.stages"):
+        resolve_run_config(toml, {})
+    with pytest.raises(ConfigError, match=r"token_drop\.stages\.0\.frames: unknown field"):
+        resolve_run_config(None, {}, ["token_drop.stages=[{start=0.0, end=1.0, frames=2}]"])
 
 
 def test_resume_layers_the_saved_config_under_toml_and_flags(tmp_path):

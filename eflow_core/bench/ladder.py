@@ -35,7 +35,7 @@ from eflow.bench.device_peak import device_name, mfu, peak_tflops
 from eflow.bench.grids import format_grid, grid_for_tokens, parse_grid, parse_token_count, split_list
 from eflow.bench.timing import Timing
 from eflow.condition import Condition
-from eflow.config import RunConfig, build_config, load_toml, parse_assignments, parse_value
+from eflow.config import DROP_FIELDS, RunConfig, build_config, load_toml, parse_assignments, parse_value
 from eflow.errors import ConfigError, EflowError
 from eflow.model.presets import PRESETS
 from eflow.registry import get_registry
@@ -161,7 +161,8 @@ def base_config(layers: list[dict[str, Any]], grid: tuple[int, int, int] | None 
     cfg = build_config(*layers)
     tree = cfg.model_dump(mode="json")
     data = tree["data"]
-    data["stages"], data["image_ratio"] = [], 0.0  # one clip shape for every step
+    data["image_ratio"] = 0.0
+    tree["schedule"]["stages"] = cfg.schedule.view(DROP_FIELDS)  # one clip shape for every step
     classes = preset_field(cfg, "num_classes")
     if data["condition"] == "label" and not classes:
         data["condition"] = "text"  # a text-only preset (1.5B) takes no labels

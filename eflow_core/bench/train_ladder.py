@@ -102,7 +102,7 @@ def train_rungs(values: list[str] | None) -> list[TrainRung]:
 
 
 def train_rung_config(base: RunConfig, rung: TrainRung) -> RunConfig:
-    """The base config with the rung's attention, objective (+ mva) and a single token-drop stage.
+    """The base config with the rung's attention, objective (+ mva) and a single schedule stage.
 
     A plugin that differs from the base config's starts from its default options (the base's would not
     fit); the same plugin keeps the base's options (e.g. the recipe's fm_ratio, r0, sprint group).
@@ -119,7 +119,7 @@ def train_rung_config(base: RunConfig, rung: TrainRung) -> RunConfig:
     drop = tree["token_drop"]
     ladder.set_plugin(drop, "name", "options", rung.token_drop or drop["name"])
     share = rung.mva_share if rung.mva else 0.0
-    drop["stages"] = [{"start": 0.0, "end": 1.0, "drop_ratio": rung.drop, "mva_share": share}]
+    tree["schedule"]["stages"] = [{"start": 0.0, "end": 1.0, "drop_ratio": rung.drop, "mva_share": share}]
     return ladder.rung_config(base, rung.name, tree)
 
 
@@ -251,7 +251,7 @@ def prepare(
         cfg.objective.name, options=cfg.objective.options, total_steps=t.steps
     )
     token_drop = get_registry("token_drop").create(cfg.token_drop.name, options=cfg.token_drop.options)
-    stage = cfg.token_drop.stages[0]
+    stage = cfg.schedule.stages[0]
     generator = torch.Generator().manual_seed(spec.seed)
     x0 = torch.randn((t.batch_size, *parts.latent_shape), generator=generator).to(device)
     cond = ladder.random_condition(parts, t.batch_size, generator).to(device)
@@ -334,7 +334,7 @@ def run_train_ladder(
 
     def new_record(rung: TrainRung, cfg: RunConfig, meta: Parts) -> TrainRecord:
         fields = ladder.rung_fields(rung, cfg, meta, cfg.train.batch_size, dtype, device)
-        stage = cfg.token_drop.stages[0]
+        stage = cfg.schedule.stages[0]
         return TrainRecord(
             **fields,
             objective=cfg.objective.name,

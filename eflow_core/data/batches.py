@@ -1,6 +1,6 @@
 """Deterministic batches: the clips of step k on rank r depend only on (seed, k, r), so resume is exact.
 
-Step k belongs to a data stage (curriculum.py; one dataset per stage) and is a video step or an image
+Step k draws from the dataset of its stage's clip size (curriculum.py) and is a video step or an image
 step (image_mixing.py). Each dataset's items are split into two pools, videos and images (the indices
 in its optional `image_indices`). A pool is walked in a fresh seeded permutation per epoch; a step of
 a kind takes the next global_batch positions of that kind's pool, where "next" counts only the earlier
@@ -32,7 +32,7 @@ IMAGE_PERM_SALT = 500_009  # keeps the image pool's permutations apart from the 
 
 
 class StepBatches:
-    """This rank's share of every optimizer step, drawn from per-stage datasets as the module says."""
+    """This rank's share of every optimizer step, drawn from the curriculum's datasets as the module says."""
 
     def __init__(
         self,
@@ -42,7 +42,7 @@ class StepBatches:
         rank: int = 0,
         world: int = 1,
         *,
-        stage_of: Callable[[int], int] | None = None,
+        dataset_of: Callable[[int], int] | None = None,
         image_ratio: float = 0.0,
     ):
         if batch_size % world:
@@ -54,7 +54,7 @@ class StepBatches:
         self.local_batch = batch_size // world
         self.seed = seed
         self.rank = rank
-        self.stage_of = stage_of or (lambda step: 0)
+        self.dataset_of = dataset_of or (lambda step: 0)  # step -> index into datasets
         self.pools = [_pools(ds) for ds in self.datasets]  # per dataset: (videos, images)
         if image_ratio > 0:
             for ds, (_, images) in zip(self.datasets, self.pools, strict=True):
@@ -80,7 +80,7 @@ class StepBatches:
 
     def keys(self, step: int) -> tuple[int, bool, list[tuple[int, int]]]:
         """(dataset index, image step?, [(item index, epoch)] of this rank's share of step `step`)."""
-        dataset = self.stage_of(step)
+        dataset = self.dataset_of(step)
         image = self.kinds.is_image(step)
         pool = self.pools[dataset][1 if image else 0]
         n = len(pool)

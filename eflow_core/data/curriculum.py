@@ -1,15 +1,15 @@
-"""Clip-size curriculum: data stages that change resolution and frame count during a run.
+"""Clip-size curriculum: schedule stages that change resolution and frame count during a run.
 
-`data.stages` splits the run into stretches [start, end) of the steps (like the token-drop stages,
-validated the same way); a stage sets any of frames / height / width, the rest come from the data
-section. EFlow's T2V recipe trains at 256p, then 480p:
+A stage of `schedule.stages` (the stretches [start, end) of the steps that also set the token drop and
+the MVA share) may set any of frames / height / width; the rest come from the data section. EFlow's
+T2V recipe trains at 256p, then 480p:
 
-    [[data.stages]]            # first half at 256p ...
+    [[schedule.stages]]        # first half at 256p ...
     start = 0.0
     end = 0.5
     height = 256
     width = 448
-    [[data.stages]]            # ... then the data section's 480 x 832
+    [[schedule.stages]]        # ... then the data section's 480 x 832
     start = 0.5
     end = 1.0
 
@@ -25,46 +25,46 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from eflow.config import DataSection
+from eflow.config import DataSection, ScheduleSection
 from eflow.errors import ConfigError, EflowError
 
 
 class Curriculum:
-    """The stage of every step and one dataset per distinct clip shape."""
+    """One dataset per distinct clip shape of the stages, and which one each step draws from."""
 
     def __init__(
         self,
+        schedule: ScheduleSection,
         data: DataSection,
         total_steps: int,
         make_dataset: Callable[[int, int, int], Any],
         base_dataset: Any = None,
     ):
-        self.data, self.total_steps = data, total_steps
-        self.shapes = [data.stage_shape(i) for i in range(max(len(data.stages), 1))]
-        built: dict[tuple[int, int, int], Any] = {}
-        if base_dataset is not None:
-            built[(data.frames, data.height, data.width)] = base_dataset
-        for shape in self.shapes:
-            if shape not in built:
-                built[shape] = make_dataset(*shape)
-        self.datasets = [built[shape] for shape in self.shapes]  # per stage
+        self.schedule, self.total_steps = schedule, total_steps
+        self.shapes = list(dict.fromkeys(schedule.shapes(data)))  # distinct, in order of first use
+        self.datasets = [  # per shape
+            base_dataset
+            if base_dataset is not None and shape == (data.frames, data.height, data.width)
+            else make_dataset(*shape)
+            for shape in self.shapes
+        ]
+        self.stage_dataset = [self.shapes.index(shape) for shape in schedule.shapes(data)]  # per stage
 
-    def stage_at(self, step: int) -> int:
-        return self.data.stage_at(step, self.total_steps)
-
-    def unique_datasets(self) -> list[Any]:
-        """Each dataset once (stages with the same shape share one)."""
-        seen: dict[int, Any] = {}
-        for dataset in self.datasets:
-            seen.setdefault(id(dataset), dataset)
-        return list(seen.values())
+    def dataset_at(self, step: int) -> int:
+        """Index into `datasets` of the dataset that step `step` draws from."""
+        return self.stage_dataset[self.schedule.stage_at(step, self.total_steps)[0]]
 
 
-def check_stage_grids(model, autoencoder, data: DataSection) -> None:
-    """Every stage's clip (and one-frame image clip when images are mixed in) fits the model's patch."""
-    for i in range(max(len(data.stages), 1)):
-        frames, height, width = data.stage_shape(i)
-        where = f"data.stages[{i}]" if data.stages else "data"
+def check_stage_grids(model, autoencoder, schedule: ScheduleSection, data: DataSection) -> None:
+    """Every stage's clip (and one-frame image clip when images are mixed in) fits the model's patch;
+    an error names the first stage of the shape (or data, when the size is the data section's)."""
+    checked: set[tuple[int, int, int]] = set()
+    for i, stage in enumerate(schedule.stages):
+        frames, height, width = stage.shape(data)
+        if (frames, height, width) in checked:
+            continue
+        checked.add((frames, height, width))
+        where = f"schedule.stages[{i}]" if stage.sets_shape() else "data"
         shapes = [(3, frames, height, width)] + ([(3, 1, height, width)] if data.image_ratio > 0 else [])
         for shape in shapes:
             try:

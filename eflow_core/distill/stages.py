@@ -28,7 +28,7 @@ from torch import nn
 
 from eflow.assembly import build_parts, resolve_device
 from eflow.atomic import atomic_write_text
-from eflow.config import RunConfig, build_config, load_run_config, parse_assignments
+from eflow.config import SHAPE_FIELDS, RunConfig, build_config, load_run_config, parse_assignments
 from eflow.distill.teacher import check_compatible, check_velocity_teacher, load_teacher
 from eflow.distill.tiles import TileSearch, calibration_batches, search_tiles, tile_candidates
 from eflow.errors import EflowError
@@ -38,7 +38,7 @@ from eflow.train import checkpoint
 TILES_JSON = "tiles.json"  # the search's table, beside the tile stage's run
 STAGE_DIRS = {"tiles": "1-tiles", "attention": "2-attention", "mlcd": "3-mlcd"}
 LCM_EMA_DECAY = 0.95  # EMA rate of the consistency target network (LCM, Luo et al. 2023)
-DENSE = [{"start": 0.0, "end": 1.0, "drop_ratio": 0.0}]  # distillation trains on all tokens
+DENSE = {"drop_ratio": 0.0, "dense_every": 0, "mva_share": 0.0}  # distillation trains on all tokens
 NO_SAMPLER = {"sampler": None, "sampler_options": {}}  # a student samples with its objective's own sampler
 
 
@@ -65,13 +65,13 @@ def student_config(
     sets: list[str] | None = None,
 ) -> RunConfig:
     """`base` (the teacher's or the previous stage's config) turned into a student run in `out`: another
-    objective, dense tokens, the given section fields replaced, then --set pairs; checked and written out
-    in full like `eflow train`'s."""
+    objective, dense tokens in every stage (their clip sizes kept), the given section fields replaced,
+    then --set pairs; checked and written out in full like `eflow train`'s."""
     from eflow.run_config import check_run_config
 
     tree = base.model_dump(mode="json")
     tree["objective"] = {"name": objective, "options": dict(options)}
-    tree["token_drop"]["stages"] = DENSE
+    tree["schedule"]["stages"] = [{**stage, **DENSE} for stage in base.schedule.view(SHAPE_FIELDS)]
     tree["train"].update(train or {})
     tree["train"]["out"] = str(out)
     tree["model"].update(model or {})

@@ -8,12 +8,13 @@ previews is not counted. metrics.jsonl is cut back to the checkpoint when a run 
 its lines is the FLOPs of exactly the steps the weights have seen, across sittings. A backend whose FLOPs
 the counter does not know (Sana's convolutional Mix-FFN) gives no `model_flops`.
 
-Predicted FLOPs (for `--match compute`, before anything trains): per stage of the token-drop schedule,
+Predicted FLOPs (for `--match compute`, before anything trains): per stage of schedule.stages,
 the objective's declared passes per sample (Objective.cost at the stage's MVA share) times the forward
 FLOPs of the full path on the stage's kept tokens (one dense step in `dense_every` counted dense) and of
 the weak path; full passes with gradient x 3, the rest x 1 (the declared cost does not say which weak
 passes carry a gradient: pdg-sfm's weak-path FM samples, 0.15 of a pass per sample, are counted x 1).
-Stage shares weight the sum; times the batch size. The data curriculum (data.stages) is not modelled.
+Stage shares weight the sum; times the batch size. The stages' clip sizes (the curriculum in
+schedule.stages) are not modelled: every stage is costed at the data section's size.
 
 Step time: metrics.jsonl's `it_s` is 1 / the seconds since the previous step (the first step of a sitting
 includes start-up), so the sum of 1 / it_s over its lines is the training time of the steps kept.
@@ -125,7 +126,7 @@ def predicted_step_flops(cfg: RunConfig) -> float | None:
     if dense is None or weak is None:
         return None
     total = 0.0
-    for stage in cfg.token_drop.stages:
+    for stage in cfg.schedule.stages:
         ratio = drop.effective_ratio(stage.drop_ratio)
         full = dense
         if ratio > 0:

@@ -118,7 +118,7 @@ def _row_record(p, step: int | None, report: dict[str, Any] | None, status: str)
     devices = sorted({s.get("device", "?") for s in sessions})
     on_cuda = bool(devices) and all(d.startswith("cuda") for d in devices)
     seconds = totals.get("train_seconds")
-    stage0 = cfg.token_drop.stages[0]
+    stage0 = cfg.schedule.stages[0]
     record: dict[str, Any] = {
         "row": row.name,
         "label": row.label,
@@ -134,7 +134,7 @@ def _row_record(p, step: int | None, report: dict[str, Any] | None, status: str)
             "objective": cfg.objective.name,
             "mva": bool(cfg.objective.options.get("mva", False)),
             "token_drop": cfg.token_drop.name,
-            "stages": [s.model_dump() for s in cfg.token_drop.stages],
+            "stages": [s.model_dump() for s in cfg.schedule.stages],
             "data": f"{cfg.data.name} {cfg.data.frames}x{cfg.data.height}x{cfg.data.width}",
         },
         "scale": {

@@ -187,7 +187,11 @@ class Trainer:
             cfg.token_drop.name, options=cfg.token_drop.options
         )
         self.curriculum = Curriculum(
-            cfg.data, cfg.train.steps, lambda *shape: build_dataset(cfg, shape), self.parts.dataset
+            cfg.schedule,
+            cfg.data,
+            cfg.train.steps,
+            lambda *shape: build_dataset(cfg, shape),
+            self.parts.dataset,
         )
         self.batches = StepBatches(
             self.curriculum.datasets,
@@ -195,10 +199,10 @@ class Trainer:
             cfg.train.seed,
             self.world.rank,
             self.world.size,
-            stage_of=self.curriculum.stage_at,
+            dataset_of=self.curriculum.dataset_at,
             image_ratio=cfg.data.image_ratio,
         )
-        datasets = self.curriculum.unique_datasets()
+        datasets = self.curriculum.datasets
         self.workers = cfg.train.workers if cfg.train.workers is not None else auto_workers(datasets)
         self.skips = SkipLog(warn=self._warn if self.world.is_main else None)
         self.start_step = 0
@@ -244,9 +248,8 @@ class Trainer:
     def _check_memory(self) -> None:
         """Refuse clip sizes and batches that cannot fit the device (a lower bound, before allocating)."""
         cfg, parts = self.cfg, self.parts
-        d = cfg.data
-        shapes = {d.stage_shape(i) for i in range(max(len(d.stages), 1))}
-        keep = 1.0 - min(stage.drop_ratio for stage in cfg.token_drop.stages)
+        shapes = set(cfg.schedule.shapes(cfg.data))
+        keep = 1.0 - min(stage.drop_ratio for stage in cfg.schedule.stages)
         local_batch = -(-cfg.train.batch_size // self.world.size)
         needs = [
             training_need(
@@ -323,8 +326,8 @@ class Trainer:
         raw = self._next_batch(step)
         x0 = self._x0(raw)
         cond = self.parts.conditioner(raw, self.device)
-        stage_index, stage = cfg.token_drop.stage_at(step, cfg.train.steps)
-        ratio = self.token_drop.effective_ratio(cfg.token_drop.drop_ratio_at(step, cfg.train.steps))
+        stage_index, stage = cfg.schedule.stage_at(step, cfg.train.steps)
+        ratio = self.token_drop.effective_ratio(cfg.schedule.drop_ratio_at(step, cfg.train.steps))
         drop = (
             DropPlan(self.token_drop, ratio, torch.Generator().manual_seed(seed + 1)) if ratio > 0 else None
         )
