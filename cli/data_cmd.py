@@ -115,12 +115,8 @@ def encode(
 
     Captions are encoded too when --text-encoder is given or the config's data.condition is "text".
     """
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from eflow.data.encode import encode_config, prepare_encode
-    from eflow.data.latent_shards import INDEX, check_storage_dtype
-    from eflow.errors import EflowError
+    from eflow.data.latent_shards import check_storage_dtype
 
     with user_errors():
         check_storage_dtype(dtype)
@@ -138,50 +134,85 @@ def encode(
             dtype=dtype,
             limit=limit,
         )
-        encoder = job.encoder
-        if encoder.index["complete"]:
-            done = encoder.index["counts"]["encoded"]
-            typer.echo(f"{out} is already complete ({done} items); nothing to do")
-            typer.echo(f"train on them: {job.train_command()}")
-            return
-        if encoder.shards_done:
-            err_console.print(f"resuming {out}: {encoder.shards_done} of {encoder.num_shards} shards done")
+        try:
+            _run_encode(job, max_shards)
+        finally:
+            job.close()
 
-        def warn(record: dict) -> None:
-            where = escape(record["file"] or f"item {record['index']}")
-            err_console.print(
-                f"[yellow]warning:[/] skipped {where}: {escape(record['reason'])}", highlight=False
+
+def _run_encode(job, max_shards: int | None) -> None:
+    """Run a prepared encode with a progress bar (rank 0's share under torchrun) and a summary."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from eflow.data.latent_shards import INDEX
+    from eflow.errors import EflowError
+
+    encoder, world, out = job.encoder, job.world, job.out
+    say = typer.echo if world.is_main else (lambda text: None)  # one summary, from rank 0
+    if encoder.index["complete"]:
+        say(f"{out} is already complete ({encoder.index['counts']['encoded']} items); nothing to do")
+        say(f"train on them: {job.train_command()}")
+        return
+    if encoder.shards_done and world.is_main:
+        err_console.print(f"resuming {out}: {encoder.shards_done} of {encoder.num_shards} shards done")
+    mine = encoder.share(max_shards)
+    if world.size > 1 and world.is_main:
+        todo = len(encoder.todo(max_shards))
+        err_console.print(
+            f"encoding {todo} of {encoder.num_shards} shards on {world.size} processes "
+            f"(the bar shows rank 0's {len(mine)})"
+        )
+    who = f"rank {world.rank}: " if world.size > 1 else ""
+
+    def warn(record: dict) -> None:
+        where = escape(record["file"] or f"item {record['index']}")
+        err_console.print(
+            f"[yellow]{who}warning:[/] skipped {where}: {escape(record['reason'])}", highlight=False
+        )
+
+    progress = Progress(
+        TextColumn("[bold]encode[/]"),
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not world.is_main,
+    )
+    first = encoder.shards_done
+    if world.size == 1:  # the whole dataset, what earlier runs did included
+        total, done, offset, shards = encoder.length, encoder.items_done, 0, encoder.num_shards
+    else:  # rank 0's share
+        total, done, offset, shards = encoder.items_in(mine), 0, first, len(mine)
+    with progress:
+        task = progress.add_task("encode", total=total, completed=done, info="")
+
+        def advance() -> None:
+            progress.update(task, advance=1, info=f"shard {encoder.shards_done - offset + 1}/{shards}")
+
+        try:
+            index = encoder.run(
+                max_shards=max_shards, on_item=advance if world.is_main else None, on_skip=warn
             )
-
-        progress = Progress(
-            TextColumn("[bold]encode[/]"),
-            BarColumn(bar_width=16),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=err_console,
-        )
-        with progress:
-            task = progress.add_task("encode", total=encoder.length, completed=encoder.items_done, info="")
-
-            def advance() -> None:
-                progress.update(task, advance=1, info=f"shard {encoder.shards_done + 1}/{encoder.num_shards}")
-
-            try:
-                index = encoder.run(max_shards=max_shards, on_item=advance, on_skip=warn)
-            except KeyboardInterrupt:
+        except KeyboardInterrupt:
+            if world.size > 1:
                 raise EflowError(
-                    f"interrupted: {encoder.shards_done} of {encoder.num_shards} shards are complete in {out}; "
-                    "run the same command again to continue"
+                    f"interrupted: rank {world.rank} wrote {encoder.shards_done - first} of its {len(mine)} "
+                    f"shards in {out}; run the same command again (with any number of processes) to continue"
                 ) from None
-        counts = index["counts"]
-        state = "done" if index["complete"] else "stopped early (run the same command again to continue)"
-        typer.echo(
-            f"{state}: {counts['encoded']} items encoded, {counts['skipped']} skipped, "
-            f"{len(index['shards'])} of {encoder.num_shards} shards in {out} (see {out / INDEX})"
-        )
-        if index["complete"]:
-            typer.echo(f"train on them: {job.train_command()}")
+            raise EflowError(
+                f"interrupted: {encoder.shards_done} of {encoder.num_shards} shards are complete in {out}; "
+                "run the same command again to continue"
+            ) from None
+    counts = index["counts"]
+    state = "done" if index["complete"] else "stopped early (run the same command again to continue)"
+    say(
+        f"{state}: {counts['encoded']} items encoded, {counts['skipped']} skipped, "
+        f"{len(index['shards'])} of {encoder.num_shards} shards in {out} (see {out / INDEX})"
+    )
+    if index["complete"]:
+        say(f"train on them: {job.train_command()}")
 
 
 def register(app: typer.Typer) -> None:

@@ -4,6 +4,11 @@
     job = prepare_encode(cfg, "latents/shapes", with_text=True)
     index = job.encoder.run()          # resumable: a rerun with the same recipe continues
     print(job.train_command())         # the `eflow train` line that trains on the shards
+    job.close()                        # leaves the process group, under torchrun
+
+Under torchrun (WORLD_SIZE > 1) every rank runs the same lines: prepare_encode joins the process group
+(eflow.train.distributed) and puts each rank on its own GPU (cuda:LOCAL_RANK), and run() encodes the
+rank's share of the shards, which rank 0 merges into the one index.json (eflow.data.latent_shards).
 
 The run's data section (and train.seed) says what is encoded, with which autoencoder and (for captions)
 text encoder; the recipe written to index.json records it with every plugin option filled in, so a
@@ -12,16 +17,20 @@ rerun with other settings is refused instead of mixing latents (eflow.data.laten
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from eflow.assembly import build_dataset, resolve_device
 from eflow.config import RunConfig, build_config, load_toml, parse_assignments
 from eflow.data.latent_shards import ShardEncoder, check_storage_dtype
 from eflow.registry import get_registry
 from eflow.run_config import config_layer
+from eflow.train.distributed import World, init_world, shutdown
 
 # `eflow data encode` flag -> the RunConfig field it sets (besides `size`, "N" or "HxW").
 ENCODE_FLAGS = {
@@ -118,9 +127,14 @@ class EncodeJob:
     out: Path
     with_text: bool  # captions are encoded too
     encoder: ShardEncoder
+    world: World  # this process among those torchrun started (rank 0 of 1 without it)
 
     def train_command(self) -> str:
         return train_command(self.out, self.cfg, self.with_text)
+
+    def close(self) -> None:
+        """Leave the process group prepare_encode joined (nothing to do in one process)."""
+        shutdown(self.world)
 
 
 def prepare_encode(
@@ -137,7 +151,9 @@ def prepare_encode(
 ) -> EncodeJob:
     """Build the dataset, the autoencoder and (with_text, or always for data.condition = "text") the
     text encoder of `cfg`, on `device`, and open `out` (new, or resumed when its recipe is the same).
-    `workers` None: 0 for computed datasets, else a share of the CPUs (eflow.data.loader.auto_workers)."""
+    `workers` None: 0 for computed datasets, else a share of the CPUs (eflow.data.loader.auto_workers),
+    divided among the ranks of a machine. Under torchrun, joins the process group first; a CUDA device
+    becomes cuda:LOCAL_RANK."""
     d = cfg.data
     check_storage_dtype(dtype)
     with_text = with_text or d.condition == "text"
@@ -147,19 +163,37 @@ def prepare_encode(
         resolved_options("text_encoder", d.text_encoder, d.text_encoder_options) if with_text else None
     )
     dev = resolve_device(device)
-    dataset = build_dataset(cfg)
-    ae = get_registry("autoencoder").create(d.autoencoder, options=ae_options)
-    te = get_registry("text_encoder").create(d.text_encoder, options=te_options) if with_text else None
-    for part in (ae, te):
-        if hasattr(part, "to"):
-            part.to(dev)
-    recipe = latent_recipe(cfg, dataset, ae, te, shard_size=shard_size, dtype=dtype, limit=limit)
-    if workers is None:
-        from eflow.data.loader import auto_workers
+    world = init_world(dev)
+    if world.size > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(dev)
+    try:
+        dataset = build_dataset(cfg)
+        ae = get_registry("autoencoder").create(d.autoencoder, options=ae_options)
+        te = get_registry("text_encoder").create(d.text_encoder, options=te_options) if with_text else None
+        for part in (ae, te):
+            if hasattr(part, "to"):
+                part.to(dev)
+        recipe = latent_recipe(cfg, dataset, ae, te, shard_size=shard_size, dtype=dtype, limit=limit)
+        if workers is None:
+            from eflow.data.loader import auto_workers
 
-        workers = auto_workers([dataset])
-    out = Path(out)
-    encoder = ShardEncoder(
-        dataset, ae, out, recipe, text_encoder=te, batch_size=batch_size, device=dev, workers=workers
-    )
-    return EncodeJob(cfg, out, with_text, encoder)
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine
+            workers = auto_workers([dataset])
+            workers = max(1, workers // ranks_here) if workers else 0
+        out = Path(out)
+        encoder = ShardEncoder(
+            dataset,
+            ae,
+            out,
+            recipe,
+            text_encoder=te,
+            batch_size=batch_size,
+            device=dev,
+            workers=workers,
+            world=world,
+        )
+    except BaseException:
+        shutdown(world)  # an error in rank 0's index reaches every rank (ShardEncoder)
+        raise
+    return EncodeJob(cfg, out, with_text, encoder, world)

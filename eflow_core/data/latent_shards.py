@@ -4,6 +4,7 @@ Layout of an output folder:
 
     index.json                      what was encoded and how (the recipe), progress, shards, skipped files
     shard-00000.safetensors         dataset items [0, shard_size), then [shard_size, 2 * shard_size), ...
+    index.rank-00001.json           under torchrun: a rank's shards, until rank 0 merges them into index.json
 
 A shard holds the items of its index range that could be read, in dataset order (n of them, n_v
 clips and n_i images):
@@ -21,10 +22,19 @@ Latents and text are stored in the recipe's dtype (float32, bfloat16 or float16)
 
 Resume: shards are written in order, each atomically (temp file + rename), and index.json is
 rewritten atomically after each one, so an interrupted run leaves whole shards and an index that names
-them; a rerun with the same recipe continues at the first shard the index does not name. A partially
-written shard is never visible. Batches never straddle shards and the text encoder's caption cache is
-emptied at each shard, so a resumed run computes every shard exactly as an uninterrupted run does:
-the files come out byte-identical (safetensors headers are deterministic, index.json holds no times).
+them; a rerun with the same recipe encodes the shards the index does not name. A partially written
+shard is never visible. Batches never straddle shards and the text encoder's caption cache is emptied
+at each shard, so a resumed run computes every shard exactly as an uninterrupted run does: the files
+come out byte-identical (safetensors headers are deterministic, index.json holds no times).
+
+Several processes (torchrun; `world`): the shards still to do are dealt out round-robin, shard n of
+that list to rank n % world.size, and each rank writes its shards (whose names are theirs alone) and,
+after each one, its part file index.rank-RANK.json. Once every rank is done, rank 0 merges the part
+files into index.json and deletes them; a run that opens the folder merges what an interrupted one
+left first, so a rerun with any number of processes encodes only the shards no file names. Each shard
+is computed as one process computes it (same items, same batches), so the folder comes out
+byte-identical whatever the number of processes. index.json is kept in one order however it was
+filled: shards by start, skipped files by dataset index (start-up skips first, each file once).
 
 Bad files are skipped, listed in index.json under "skipped" (index, file, reason) and counted; the
 run goes on: files the dataset left out at start-up (its skip events, eflow.data.skips), an item whose
@@ -42,10 +52,12 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -55,6 +67,7 @@ from eflow.atomic import atomic_path, atomic_write_text
 from eflow.data.skips import MediaError, SkipEvent, take_skips
 from eflow.data.text_cache import CaptionCache
 from eflow.errors import ConfigError, EflowError
+from eflow.train.distributed import World
 
 FORMAT = "eflow-latents"
 VERSION = 1
@@ -63,10 +76,17 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 # Errors a dataset raises for one unreadable item (an undecodable or too-short file); EflowError
 # (a configuration problem) is never one of them.
 ITEM_ERRORS = (MediaError, OSError, ValueError, RuntimeError, EOFError)
+PARTS = "index.rank-*.json"  # the part files of ranks (see the module docstring)
+# Ranks wait for the slowest one before rank 0 merges: up to a shard's time and more, hence a long timeout.
+SYNC_TIMEOUT = timedelta(hours=24)
 
 
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
+
+
+def part_name(rank: int) -> str:
+    return f"index.rank-{rank:05d}.json"
 
 
 def read_index(folder: str | Path) -> dict[str, Any]:
@@ -92,6 +112,29 @@ def write_index(folder: Path, index: dict[str, Any]) -> None:
     atomic_write_text(folder / INDEX, json.dumps(index, indent=1) + "\n")
 
 
+def add_shards(index: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Add shard records ({"shard": {file, start, stop, items}, "skipped": [...], "text_max_tokens": n})
+    to an index, leaving out shards it names already, and put it in its one order: shards by start,
+    skipped files by dataset index (start-up skips first; a file once, where it was first met)."""
+    named = {shard["file"] for shard in index["shards"]}
+    for record in records:
+        if record["shard"]["file"] in named:
+            continue
+        named.add(record["shard"]["file"])
+        index["shards"].append(record["shard"])
+        index["skipped"] += record["skipped"]
+        index["text_max_tokens"] = max(index["text_max_tokens"], record["text_max_tokens"])
+    index["shards"].sort(key=lambda shard: shard["start"])
+    seen, skipped = set(), []
+    for skip in sorted(index["skipped"], key=lambda s: -1 if s["index"] is None else s["index"]):
+        if skip["file"] is None or skip["file"] not in seen:
+            seen.add(skip["file"])
+            skipped.append(skip)
+    index["skipped"] = skipped
+    index["counts"]["encoded"] = sum(shard["items"] for shard in index["shards"])
+    index["counts"]["skipped"] = len(skipped)
+
+
 def recipe_differences(old: Any, new: Any, where: str = "recipe") -> list[str]:
     """Dotted paths where two recipes differ, with both values."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -106,20 +149,23 @@ def recipe_differences(old: Any, new: Any, where: str = "recipe") -> list[str]:
 
 
 class ItemFetcher(Dataset):
-    """Item k = (i, dataset[i] or None, why it is missing, the dataset's skip events) for i = first + k.
+    """Item k = (i, dataset[i] or None, why it is missing, the dataset's skip events) for i the k-th
+    dataset index of `shards` (ascending shard numbers; shard n holds [n * shard_size, (n + 1) *
+    shard_size) within [0, length), so only the last one can be short).
 
     Runs where the items are read (a DataLoader worker, or the main process), so the skip events a
     dataset records there travel back with the item.
     """
 
-    def __init__(self, dataset, first: int, stop: int):
-        self.dataset, self.first, self.stop = dataset, first, stop
+    def __init__(self, dataset, shards: list[int], shard_size: int, length: int):
+        self.dataset, self.shards, self.shard_size = dataset, shards, shard_size
+        self.count = sum(min((n + 1) * shard_size, length) - n * shard_size for n in shards)
 
     def __len__(self) -> int:
-        return self.stop - self.first
+        return self.count
 
     def __getitem__(self, k: int) -> tuple[int, dict | None, str | None, list[SkipEvent]]:
-        i = self.first + k
+        i = self.shards[k // self.shard_size] * self.shard_size + k % self.shard_size
         try:
             item = self.dataset[i]
             reason = None if item is not None else "the dataset returned no item"
@@ -146,7 +192,8 @@ class ShardEncoder:
     shard_size, dtype); it must be identical when resuming. Items [0, limit) are encoded (all when
     limit is None). `describe(i)` names the file behind item i for the skip list (default: the
     dataset's own `describe` method, if it has one). `workers` > 0 reads items in DataLoader worker
-    processes (in order).
+    processes (in order). `world`: this process's rank among those torchrun started (every rank makes
+    its own ShardEncoder; its process group must be initialized), one process when None.
     """
 
     def __init__(
@@ -161,6 +208,7 @@ class ShardEncoder:
         device: torch.device | str = "cpu",
         workers: int = 0,
         describe: Callable[[int], str | None] | None = None,
+        world: World | None = None,
     ):
         self.dataset, self.autoencoder, self.text_encoder = dataset, autoencoder, text_encoder
         self.out = Path(out)
@@ -180,9 +228,34 @@ class ShardEncoder:
         limit = recipe["dataset"].get("limit")
         self.length = len(dataset) if limit is None else min(int(limit), len(dataset))  # items to encode
         self.num_shards = math.ceil(self.length / self.shard_size)
-        self.index = self._open_index()
+        self.world = world or World()
+        self._group = None  # the gloo group the ranks wait on (CPU objects, long timeout)
+        if self.world.size > 1:
+            self._group = dist.new_group(backend="gloo", timeout=SYNC_TIMEOUT)
+        self._part: list[dict[str, Any]] = []  # this rank's shard records, as in its part file
+        startup = take_skips(self.dataset)  # files left out at start-up (on record by rank 0)
+        self.index = self._on_main(lambda: self._open_index(startup))
 
-    def _open_index(self) -> dict[str, Any]:
+    def _on_main(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """work() on rank 0 alone (it writes index.json, which it returns) while the other ranks wait, then
+        read what it wrote; an EflowError there is raised on every rank."""
+        if self.world.size == 1:
+            return work()
+        index, error = None, None
+        if self.world.is_main:
+            try:
+                index = work()
+            except EflowError as err:
+                error = err
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0, group=self._group)
+        if error is not None:
+            raise error
+        if message[0] is not None:
+            raise EflowError(message[0])
+        return index if self.world.is_main else read_index(self.out)
+
+    def _open_index(self, startup: list[SkipEvent]) -> dict[str, Any]:
         if self.out.exists() and not self.out.is_dir():
             raise EflowError(f"--out {self.out} exists and is not a folder")
         if (self.out / INDEX).is_file():
@@ -194,11 +267,10 @@ class ShardEncoder:
                     + "\n  ".join(diffs)
                     + "\nuse another --out, or delete the folder to start over"
                 )
-            take_skips(self.dataset)  # its start-up skips are on record already
-            return index
+            return self._merge_parts(index)  # its start-up skips are on record already
         if self.out.is_dir() and any(self.out.iterdir()):
             raise EflowError(f"--out {self.out} is not empty and holds no {INDEX}; choose an empty folder")
-        found = [skip_record(None, event) for event in take_skips(self.dataset)]  # left out at start-up
+        found = [skip_record(None, event) for event in startup]
         index = {
             "format": FORMAT,
             "version": VERSION,
@@ -215,6 +287,25 @@ class ShardEncoder:
         write_index(self.out, index)
         return index
 
+    def _merge_parts(self, index: dict[str, Any]) -> dict[str, Any]:
+        """Fold the ranks' part files (this run's, or an interrupted run's) into the index, write it, and
+        delete them (a crash in between leaves files whose shards the index names: merged again, no harm)."""
+        parts = sorted(self.out.glob(PARTS))
+        if not parts:
+            return index
+        records = []
+        for path in parts:
+            try:
+                part = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise EflowError(f"{path} is not valid JSON: {err}") from None
+            records += part["shards"]
+        add_shards(index, records)
+        write_index(self.out, index)
+        for path in parts:
+            path.unlink()
+        return index
+
     @property
     def shards_done(self) -> int:
         return len(self.index["shards"])
@@ -222,11 +313,25 @@ class ShardEncoder:
     @property
     def items_done(self) -> int:
         """Dataset items already behind completed shards (encoded or skipped)."""
-        return min(self.shards_done * self.shard_size, self.length)
+        return sum(shard["stop"] - shard["start"] for shard in self.index["shards"])
 
-    def _items(self) -> Iterator[tuple[int, dict | None, str | None, list[SkipEvent]]]:
-        fetcher = ItemFetcher(self.dataset, self.items_done, self.length)
-        if self.workers == 0:
+    def todo(self, max_shards: int | None = None) -> list[int]:
+        """The shards no file names yet (the first max_shards of them): the same list on every rank."""
+        named = {shard["file"] for shard in self.index["shards"]}
+        todo = [n for n in range(self.num_shards) if shard_name(n) not in named]
+        return todo if max_shards is None else todo[:max_shards]
+
+    def share(self, max_shards: int | None = None) -> list[int]:
+        """This rank's shards of todo(max_shards): every world.size-th one, from the rank's own."""
+        return self.todo(max_shards)[self.world.rank :: self.world.size]
+
+    def items_in(self, shards: list[int]) -> int:
+        """Dataset items of some shards."""
+        return sum(min((n + 1) * self.shard_size, self.length) - n * self.shard_size for n in shards)
+
+    def _items(self, shards: list[int]) -> Iterator[tuple[int, dict | None, str | None, list[SkipEvent]]]:
+        fetcher = ItemFetcher(self.dataset, shards, self.shard_size, self.length)
+        if self.workers == 0 or not shards:
             return (fetcher[k] for k in range(len(fetcher)))
         loader = DataLoader(
             fetcher,
@@ -246,24 +351,33 @@ class ShardEncoder:
         on_item: Callable[[], None] | None = None,
         on_skip: Callable[[dict], None] | None = None,
     ) -> dict[str, Any]:
-        """Encode the shards not yet done (at most max_shards of them); returns the index.
+        """Encode this rank's share of the shards not yet done (at most max_shards of them in all);
+        returns the index, under torchrun once every rank is done and rank 0 has merged their shards.
 
         on_item() is called after each dataset item, on_skip(record) for each item skipped.
         """
-        todo = range(self.shards_done, self.num_shards)
-        items = self._items()
-        for number in todo if max_shards is None else todo[:max_shards]:
+        mine = self.share(max_shards)
+        items = self._items(mine)
+        for number in mine:
             self._encode_shard(number, items, on_item, on_skip)
         del items  # stops any worker processes
-        if self.shards_done == self.num_shards and not self.index["complete"]:
-            if self.index["counts"]["encoded"] == 0:
+        if self.world.size > 1:
+            dist.barrier(group=self._group)  # every rank's part file is written; ranks with none join too
+        self.index = self._on_main(self._finish)
+        return self.index
+
+    def _finish(self) -> dict[str, Any]:
+        """Rank 0: merge the ranks' shards into index.json, and mark it complete when no shard is missing."""
+        index = self._merge_parts(self.index)
+        if len(index["shards"]) == self.num_shards and not index["complete"]:
+            if index["counts"]["encoded"] == 0:
                 raise EflowError(
-                    f"no item of the dataset could be read ({self.index['counts']['skipped']} skipped); "
+                    f"no item of the dataset could be read ({index['counts']['skipped']} skipped); "
                     f"see 'skipped' in {self.out / INDEX}"
                 )
-            self.index["complete"] = True
-            write_index(self.out, self.index)
-        return self.index
+            index["complete"] = True
+            write_index(self.out, index)
+        return index
 
     def _check(self, i: int, item: dict) -> bool:
         """Whether item i is an image (a one-frame clip, when the recipe has images); checks its shape."""
@@ -321,12 +435,15 @@ class ShardEncoder:
             save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)} if captions else None)
             os.chmod(tmp, mode)
         longest = int(tensors["text_length"].max()) if "text_length" in tensors and len(kept) else 0
-        self.index["shards"].append({"file": name, "start": start, "stop": stop, "items": len(kept)})
-        self.index["skipped"] += skipped
-        self.index["counts"]["encoded"] += len(kept)
-        self.index["counts"]["skipped"] += len(skipped)
-        self.index["text_max_tokens"] = max(self.index["text_max_tokens"], longest)
-        write_index(self.out, self.index)
+        shard = {"file": name, "start": start, "stop": stop, "items": len(kept)}
+        record = {"shard": shard, "skipped": skipped, "text_max_tokens": longest}
+        add_shards(self.index, [record])
+        if self.world.size == 1:
+            write_index(self.out, self.index)
+        else:
+            self._part.append(record)
+            part = {"format": FORMAT, "version": VERSION, "rank": self.world.rank, "shards": self._part}
+            atomic_write_text(self.out / part_name(self.world.rank), json.dumps(part, indent=1) + "\n")
 
     @torch.no_grad()
     def _encode_batch(self, batch: list[tuple[int, Tensor]], image: bool) -> Tensor:
