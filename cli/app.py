@@ -1,4 +1,4 @@
-"""The `eflow` command: train, sample, plugins, model info, data, bench, eval, plus plugin commands."""
+"""The `eflow` command: train, sample, plugins, model info, data, bench, eval, export, plus plugin commands."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from eflow.cli import (
     data_cmd,
     distill_cmd,
     eval_cmd,
+    export_cmd,
     model_cmd,
     plot_cmd,
     plugins_cmd,
@@ -38,6 +39,7 @@ for module in (
     distill_cmd,
     repro_cmd,
     plot_cmd,
+    export_cmd,
 ):
     module.register(app)
 

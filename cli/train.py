@@ -132,6 +132,13 @@ def register(app: typer.Typer) -> None:
             bool | None,
             typer.Option("--fsdp/--no-fsdp", help="FSDP2 sharding under torchrun", rich_help_panel=PAR),
         ] = None,
+        sp: Annotated[
+            int | None,
+            typer.Option(
+                help="Ulysses sequence parallelism under torchrun: ranks per group sharing a batch's tokens",
+                rich_help_panel=PAR,
+            ),
+        ] = None,
         out: Annotated[str | None, typer.Option(help="run directory", rich_help_panel=RUN)] = None,
         save_every: Annotated[
             int | None, typer.Option(help="checkpoint every n steps", rich_help_panel=RUN)

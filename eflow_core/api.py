@@ -49,7 +49,7 @@ from eflow.model.block_sparse import masked_attention, selection_block_mask, top
 from eflow.model.flex import num_blocks, pad_tokens
 from eflow.model.mix_ffn import MixFFN
 from eflow.model.rope import apply_rope
-from eflow.model.self_attention import RMSNorm, SelfAttention
+from eflow.model.self_attention import HeadRows, RMSNorm, SelfAttention
 from eflow.model.tokens import TokenContext
 from eflow.network import expand_like, solution_map
 from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo, validated_options
@@ -185,6 +185,7 @@ __all__ = [
     "ForwardCost",
     "GridSampler",
     "GridStep",
+    "HeadRows",
     "LatentShards",
     "LocalTransformerEncoder",
     "LossOutput",

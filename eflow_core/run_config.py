@@ -79,6 +79,7 @@ TRAIN_FLAGS = {
     "ac": "parallel.ac",
     "compile_": "parallel.compile",
     "fsdp": "parallel.fsdp",
+    "sp": "parallel.sp",
 }
 SCHEDULE_FLAGS = ("drop_ratio", "drop_until", "dense_every")
 SIZE_FLAG = "size"
@@ -163,6 +164,23 @@ def check_run_config(cfg: RunConfig) -> None:
     validate_plugins(cfg)
     resolve_plugin_options(cfg)
     cfg.train.track = tracker_names(cfg.train.track)  # known names, their packages installed
+    if cfg.parallel.sp > 1:
+        check_sequence_parallel_heads(cfg)
+
+
+def check_sequence_parallel_heads(cfg: RunConfig) -> None:
+    """parallel.sp must divide the heads of the preset (or of model.overrides.heads)."""
+    from eflow.model.presets import PRESETS
+    from eflow.parallel.sequence import check_heads
+
+    spec = PRESETS.get(cfg.model.preset)
+    if spec is None:  # an unknown preset fails with its own message when the model is built
+        return
+    heads = cfg.model.overrides.get("heads", spec.heads)
+    where = f"preset '{cfg.model.preset}'" + (
+        " with model.overrides.heads" if "heads" in cfg.model.overrides else ""
+    )
+    check_heads(heads, cfg.parallel.sp, where)
 
 
 def text_condition_reason(layers: Iterable[Mapping[str, Any]]) -> str | None:

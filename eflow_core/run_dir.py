@@ -7,6 +7,9 @@
       checkpoints/
         step_00000250/        a committed checkpoint: config.json, model.safetensors, ema.safetensors,
                               trainer_state.pt and manifest.json (step, size and SHA-256 of every file)
+        step_00000500/        a sharded checkpoint (FSDP under torchrun): config.json, trainer_state.pt,
+                              dcp/ (torch.distributed.checkpoint: every rank's shards of weights and
+                              optimizer state, the EMA once) and manifest.json ("sharded", "world_size")
         .tmp-step_00000500-*  a save in progress, or the leftover of a crashed one (removed at next start)
       .lock                   held by the training process (its pid and host)
 
@@ -26,6 +29,8 @@ MODEL = "model.safetensors"
 EMA = "ema.safetensors"
 STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+SHARDS = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint folder
+EXPORTS = "exports"  # `eflow export`'s default place: RUN/exports/step_N
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"

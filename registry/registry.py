@@ -38,8 +38,10 @@ class DuplicateNameError(EflowError):
 # with each capability's type and its value when not declared. The core reads these instead of probing
 # the plugin's attributes.
 CAPABILITIES: dict[str, dict[str, tuple[type, Any]]] = {
-    # one full softmax block after every K blocks of this backend (the preset's softmax_ratio; GLGA, EFlow 4.1)
-    "attention": {"hybrid": (bool, False)},
+    # hybrid: one full softmax block after every K blocks of this backend (the preset's softmax_ratio; GLGA,
+    # EFlow 4.1); attend_reads_x: `attend` reads its x argument (a gate), so sequence parallelism gathers
+    # the block's tokens for it (eflow.parallel.sequence); False spares that all-gather
+    "attention": {"hybrid": (bool, False), "attend_reads_x": (bool, True)},
     # default_sampler: the sampler `eflow sample` uses for runs trained with this objective;
     # same_calls_every_rank: every rank makes the same model calls in every step whatever its batch draws
     # (then FSDP may gather weights per call: parallel.fsdp_reshard_after_forward)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_train import losses, tiny_config
 
 from eflow.condition import Condition
@@ -26,6 +25,7 @@ from eflow.model.dit import build_model
 from eflow.parallel.config import ParallelSection
 from eflow.parallel.parallelize import model_blocks, parallelize
 from eflow.run_dir import checkpoint_dirs
+from eflow.train import checkpoint
 from eflow.train.distributed import World
 from eflow.train.trainer import Trainer
 
@@ -289,16 +289,17 @@ def fsdp_worker(out: Path) -> None:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint_dirs(run_dir)[-1] / "model.safetensors"))
+    """The online weights of the run's last checkpoint, whole (read in one process if sharded)."""
+    return checkpoint.read_weights(checkpoint_dirs(run_dir)[-1], "model")[0]
 
 
 @pytest.mark.slow
 def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
     """torchrun, 2 gloo processes, batch 4: FSDP2 (gathered once per step, with ac = full) logs the losses
     and saves the weights of the hand-written all-reduce path, on the EFlow recipe, whose ranks make
-    different model calls; the checkpoint keeps the unsharded layout; a run aborted after its step-2
-    checkpoint resumes to the same losses; fm with per-block gathering matches too; per-block gathering
-    with pdg-sfm is refused; ranks that run the middle stack 0 and 2 times reduce like the all-reduce. (Against a 1-process run the losses differ: a step's draws depend on the
+    different model calls; its sharded checkpoint, read whole, holds the same weights and AdamW moments
+    in the unsharded layout; a run aborted after its step-2 checkpoint resumes to the same losses; fm
+    with per-block gathering matches too; per-block gathering with pdg-sfm is refused; ranks that run the middle stack 0 and 2 times reduce like the all-reduce. (Against a 1-process run the losses differ: a step's draws depend on the
     rank, so the same global batch gets other noise and times.)"""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -314,9 +315,10 @@ def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
     for name in dp:
         torch.testing.assert_close(fsdp[name], dp[name], rtol=1e-5, atol=1e-6, msg=name)
     optimizers = [
-        torch.load(checkpoint_dirs(tmp_path / run)[-1] / "trainer_state.pt", weights_only=True)["optimizer"]
+        checkpoint.read_trainer_state(checkpoint_dirs(tmp_path / run)[-1])["optimizer"]
         for run in ("dp", "fsdp")
     ]
+    assert checkpoint.is_sharded(checkpoint_dirs(tmp_path / "fsdp")[-1])
     assert optimizers[1]["param_groups"] == optimizers[0]["param_groups"]  # the unsharded layout
     for index, expected in optimizers[0]["state"].items():
         for key, value in expected.items():  # whole moments, not shards

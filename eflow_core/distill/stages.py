@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from eflow.assembly import build_parts, resolve_device
@@ -32,7 +30,7 @@ from eflow.config import SHAPE_FIELDS, RunConfig, build_config, load_run_config,
 from eflow.distill.teacher import check_compatible, check_velocity_teacher, load_teacher
 from eflow.distill.tiles import TileSearch, calibration_batches, search_tiles, tile_candidates
 from eflow.errors import EflowError
-from eflow.run_dir import CONFIG, EMA, MODEL
+from eflow.run_dir import CONFIG
 from eflow.train import checkpoint
 
 TILES_JSON = "tiles.json"  # the search's table, beside the tile stage's run
@@ -90,12 +88,7 @@ def load_compatible(model: nn.Module, run_dir: Path, weights: str = "ema") -> li
     """Load another run's weights into `model` where they fit. Parameters only one attention backend has
     (a GLGA gate, a Sana kernel) may be missing on either side: the student keeps its own initialization
     of those; any other difference fails. Returns the student's keys left at their initialization."""
-    directory = checkpoint.usable_checkpoint(run_dir)
-    path = directory / (EMA if weights == "ema" else MODEL)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise EflowError(f"{path} is corrupt or missing ({err}); restore it or retrain") from None
+    tensors, _ = checkpoint.read_weights(checkpoint.usable_checkpoint(run_dir), weights)  # either layout
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABCMeta, abstractmethod
 
 import torch.nn.functional as F
@@ -18,6 +19,26 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+class HeadRows(nn.Module):
+    """The rows of `linear` that belong to heads [start, stop), its outputs laid out as (groups, heads,
+    width): Linear(D, groups * (stop - start) * width) on slices of its weight and bias, which gradients
+    reach. GLGA's per-head gate is (2, H, 1), VSA's gate (1, H, d)."""
+
+    def __init__(self, linear: nn.Linear, groups: int, heads: int, start: int, stop: int):
+        super().__init__()
+        if linear.out_features % (groups * heads):
+            raise ValueError(f"{linear.out_features} outputs do not split into {groups} x {heads} heads")
+        self.linear, self.groups, self.heads, self.start, self.stop = linear, groups, heads, start, stop
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.linear.weight.unflatten(0, (self.groups, self.heads, -1))  # [G, H, w, D]
+        weight = weight[:, self.start : self.stop].flatten(0, 2)  # [G * h * w, D]
+        bias = self.linear.bias
+        if bias is not None:
+            bias = bias.unflatten(0, (self.groups, self.heads, -1))[:, self.start : self.stop].flatten()
+        return F.linear(x, weight, bias)
 
 
 class SelfAttention(nn.Module, metaclass=ABCMeta):
@@ -66,6 +87,22 @@ class SelfAttention(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         """Mix values: q, k, v [B, M, H, d] (x [B, M, D] for gates) -> [B, M, H, d]. The backend's seam."""
+
+    def for_heads(self, start: int, stop: int) -> SelfAttention:
+        """The module whose `attend` serves heads [start, stop) alone: q, k, v carry those heads, x and ctx
+        every token (Ulysses sequence parallelism calls it so, eflow.parallel.sequence).
+
+        `self` fits a backend whose parameters all heads share; a backend with per-head parameters (a
+        per-head gate) returns `self.with_modules(name=HeadRows(...))`, those parameters sliced.
+        """
+        return self
+
+    def with_modules(self, **modules: nn.Module) -> SelfAttention:
+        """A shallow copy of this module with the named submodules replaced; all else (parameters, the
+        other submodules) is shared, and the copy belongs to no model (state dicts never see it)."""
+        view = copy.copy(self)
+        view._modules = {**self._modules, **modules}
+        return view
 
     def flops(self, ctx: TokenContext, batch: int) -> float | None:
         """Forward FLOPs of `attend` for `batch` samples on ctx's M tokens (2 per multiply-add, matmuls only).

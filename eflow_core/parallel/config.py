@@ -1,4 +1,5 @@
-"""The [parallel] section: activation checkpointing, per-block torch.compile and FSDP2 (docs/scaling.md)."""
+"""The [parallel] section: activation checkpointing, per-block torch.compile, FSDP2 and Ulysses sequence
+parallelism (docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ class ParallelSection(BaseModel):
         description="FSDP: free each block's gathered weights after its forward and gather them again in "
         "backward (least memory; needs every rank to make the same model calls, objective fm); "
         "false = gather all weights once per step (any objective)",
+    )
+    sp: int = Field(
+        1,
+        ge=1,
+        description="Ulysses sequence parallelism under torchrun: each group of sp consecutive ranks runs "
+        "one batch together, each rank holding 1/sp of the tokens of every block and, around "
+        "self-attention, 1/sp of the heads (two all-to-alls); sp must divide the processes and the "
+        "heads; 1 = off",
     )
 
     @property

@@ -16,18 +16,18 @@ reduce-scattered in fp32. Two ways to run a step (parallel.fsdp_reshard_after_fo
   but collectives per model call: every rank must make the same calls in the same order (fm does).
 
 The EMA stays a full copy on every rank (eflow.train.ema gathers the weights to update it), so the
-objectives' EMA passes and the previews need no collective. Checkpoints keep the single-file layout:
-the model's and the optimizer's full state are gathered (rank 0 keeps them) and a resume shards them
-again, so a run moves between FSDP and data parallelism, or another world size, by its checkpoint.
+objectives' EMA passes and the previews need no collective. Checkpoints are sharded: every rank
+writes its shards through torch.distributed.checkpoint (eflow.train.checkpoint.save_sharded_checkpoint)
+and a resume reshards them over any world size; a full checkpoint (data parallelism, one process, or
+`eflow export`) resumes under FSDP too: every rank loads it whole and keeps its shards
+(`shard_optimizer_state`), so a run moves between FSDP, data parallelism and world sizes by its
+checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -66,16 +66,6 @@ def shard_model(
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
-
-
-@dataclass
-class Gathered:
-    """A gathered state dict standing in for its module where a checkpoint asks for `state_dict()`."""
-
-    weights: dict[str, Tensor]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.weights
 
 
 class ShardedStep:
@@ -128,27 +118,6 @@ class ShardedStep:
             norm = norm.full_tensor()  # sums the ranks' squared norms
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm
-
-    def model_state(self) -> dict[str, Tensor]:
-        """The full state dict on CPU on rank 0 (every rank must call; the others get {})."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=options)
-
-    @staticmethod
-    def optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict | None:
-        """optimizer.state_dict() with every sharded moment gathered in full on CPU: the layout of an
-        unsharded run (every rank must call, in the same order; the dict is built where `keep`)."""
-        saved = optimizer.state_dict()
-        state = {}
-        for index in sorted(saved["state"]):
-            entry = {}
-            for name, value in saved["state"][index].items():
-                if isinstance(value, DTensor):
-                    value = value.full_tensor()
-                    value = value.cpu() if keep else None
-                entry[name] = value
-            state[index] = entry
-        return {"state": state, "param_groups": saved["param_groups"]} if keep else None
 
     @staticmethod
     def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -1,6 +1,6 @@
 """parallelize(model, cfg.parallel, world, device): what the trainer applies to the model from outside
-it, in torchtitan's order: activation checkpointing, then torch.compile per block, then FSDP2 (per
-block, then the root).
+it, in torchtitan's order: activation checkpointing, then torch.compile per block, then Ulysses sequence
+parallelism (sp > 1: eflow.parallel.sequence), then FSDP2 (per block, then the root).
 
 The model file stays a model. A block is wrapped where it sits: its `forward` is replaced on the
 instance (the module's hooks, FSDP's included, still run around it), so parameter names, state dicts
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import checkpoint
 
 from eflow.model.flex import raise_recompile_limit
@@ -65,13 +66,30 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def parallelize(
-    model: nn.Module, cfg: ParallelSection, world: World, device: torch.device, *, bf16: bool = False
+    model: nn.Module,
+    cfg: ParallelSection,
+    world: World,
+    device: torch.device,
+    *,
+    bf16: bool = False,
+    mesh: DeviceMesh | None = None,
 ) -> nn.Module:
-    """`model` with cfg's activation checkpointing, per-block compile and (world size > 1) FSDP2 applied,
-    in place; bf16: gather the weights as bf16 for compute (FSDP's MixedPrecisionPolicy)."""
+    """`model` with cfg's activation checkpointing, per-block compile, sequence parallelism (sp > 1) and
+    (world size > 1) FSDP2 applied, in place; bf16: gather the weights as bf16 for compute (FSDP's
+    MixedPrecisionPolicy); mesh: the (dp, sp) mesh of sequence_mesh, built here when not given."""
+    if cfg.sp > 1:
+        from eflow.parallel.sequence import check_model
+
+        check_model(model, cfg.sp)  # before any wrapping or collective
     apply_activation_checkpointing(model, cfg)
     if cfg.compile:
         apply_compile(model)
+    if cfg.sp > 1:
+        from eflow.parallel.sequence import apply_sequence_parallel, sequence_mesh
+
+        apply_sequence_parallel(
+            model, mesh if mesh is not None else sequence_mesh(world, cfg.sp, device.type)
+        )
     if cfg.fsdp and world.size > 1:
         from eflow.parallel.fsdp import shard_model
 

@@ -4,8 +4,15 @@ save_checkpoint writes every file of a step into a fresh temp directory, then ma
 SHA-256 of each file), fsyncs, and commits with one rename to checkpoints/step_N. A crash at any point
 leaves the previous checkpoints untouched and at most a temp directory, which the next start removes.
 Only then are checkpoints beyond `keep` deleted. Loading verifies the manifest and falls back to the
-newest older checkpoint that verifies, saying so. torch.distributed.checkpoint directories can commit the
-same way: written into the temp directory, then renamed.
+newest older checkpoint that verifies, saying so.
+
+Under FSDP, save_sharded_checkpoint commits the same way a sharded checkpoint: every rank writes its
+shards through torch.distributed.checkpoint into the temp directory's dcp/ (eflow.train.sharded_state),
+the ranks hash the files between them, and rank 0 writes config.json, trainer_state.pt (no optimizer:
+it is in dcp/) and a manifest listing every file, marked "sharded" with the world size, then renames.
+Readers take either layout: `read_weights` and `read_trainer_state` read a sharded checkpoint whole in
+one process (sampling, export, a resume without FSDP); load_sharded_checkpoint reshards it over the
+ranks of an FSDP run of any world size.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from eflow.run_dir import (
     METRICS,
     MODEL,
     SAMPLES,
+    SHARDS,
     STATE,
     TMP_PREFIX,
     checkpoint_dirs,
@@ -41,6 +49,8 @@ from eflow.run_dir import (
     step_dir_name,
     step_of,
 )
+from eflow.train import sharded_state
+from eflow.train.distributed import World, on_every_rank, on_main
 
 FORMAT = 1  # manifest format version
 
@@ -64,6 +74,54 @@ def _fsync(path: Path) -> None:
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def _record(path: Path) -> dict:
+    """A file's manifest entry."""
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def _write_manifest(directory: Path, step: int, files: dict[str, dict], **extra) -> None:
+    """manifest.json for `files` (name -> record), then fsync every file and directory of the checkpoint."""
+    manifest = {"format": FORMAT, "step": step, "time": time.time(), **extra, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    for name in (*files, MANIFEST):
+        _fsync(directory / name)
+    for folder in sorted({(directory / name).parent for name in files} - {directory}):
+        _fsync(folder)
+    _fsync(directory)
+
+
+def _write_full(
+    directory: Path,
+    *,
+    config_json: str,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    state: dict,
+    hit: Callable[[str], None],
+) -> None:
+    """Write the files of a full checkpoint and its manifest into the empty `directory`, fsynced."""
+    step = int(state["step"])
+    (directory / CONFIG).write_text(config_json)
+    hit("config")
+    save_file(model, str(directory / MODEL), metadata={"step": str(step)})
+    hit("model")
+    save_file(ema, str(directory / EMA), metadata={"step": str(step)})
+    hit("ema")
+    torch.save(state, directory / STATE)
+    hit("state")
+    _write_manifest(
+        directory, step, {name: _record(directory / name) for name in (CONFIG, MODEL, EMA, STATE)}
+    )
+    hit("manifest")
+
+
+def _prune(run_dir: Path, config_json: str, keep: int) -> None:
+    """After a commit: the run's config follows its newest checkpoint; checkpoints beyond `keep` go."""
+    atomic_write_text(Path(run_dir) / CONFIG, config_json)
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -90,33 +148,78 @@ def save_checkpoint(
     tmp.mkdir()
     hit = crash_point or (lambda stage: None)
     try:
-        (tmp / CONFIG).write_text(config_json)
-        hit("config")
-        save_file(_weights(model), str(tmp / MODEL), metadata={"step": str(step)})
-        hit("model")
-        save_file(_weights(ema), str(tmp / EMA), metadata={"step": str(step)})
-        hit("ema")
-        torch.save(state, tmp / STATE)
-        hit("state")
-        files = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
-            for name in (CONFIG, MODEL, EMA, STATE)
-        }
-        manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        for name in (*files, MANIFEST):
-            _fsync(tmp / name)
-        _fsync(tmp)
-        hit("manifest")
+        _write_full(
+            tmp, config_json=config_json, model=_weights(model), ema=_weights(ema), state=state, hit=hit
+        )
         os.replace(tmp, final)  # the commit
         _fsync(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     hit("committed")
-    atomic_write_text(Path(run_dir) / CONFIG, config_json)  # the run's config follows its newest checkpoint
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(run_dir, config_json, keep)
+    return final
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    *,
+    config_json: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: nn.Module,
+    state: dict,
+    world: World,
+    keep: int = 2,
+    crash_point: Callable[[str], None] | None = None,
+) -> Path:
+    """Commit the checkpoint of state["step"] as checkpoints/step_N in the sharded layout (module
+    docstring); every rank must call. `state` holds no optimizer (its shards go to dcp/). A failure on
+    any rank raises on every rank, and the committed checkpoints stay as they were. `crash_point(stage)`
+    is called on every rank after "shards", on rank 0 after "manifest" and "committed"."""
+    step = int(state["step"])
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / step_dir_name(step)
+    hit = crash_point or (lambda stage: None)
+
+    def make_temp() -> Path | None:
+        if (final / MANIFEST).is_file():
+            return None
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"{TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        return tmp
+
+    tmp = on_main(make_temp, world)  # one temp directory, named by rank 0, for every rank
+    if tmp is None:
+        return final
+
+    def shard_files() -> list[str]:
+        return sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDS).rglob("*") if p.is_file())
+
+    def commit() -> None:
+        (tmp / CONFIG).write_text(config_json)
+        torch.save({**state, "world_size": world.size}, tmp / STATE)
+        files = {name: _record(tmp / name) for name in (CONFIG, STATE)}
+        files.update(sorted(record for share in shares for record in share.items()))
+        _write_manifest(tmp, step, files, sharded=True, world_size=world.size)
+        hit("manifest")
+        os.replace(tmp, final)  # the commit
+        _fsync(root)
+        hit("committed")
+        _prune(run_dir, config_json, keep)
+
+    try:
+        sharded_state.save_state(tmp / SHARDS, model, optimizer, ema)
+        hit("shards")
+        names = on_main(shard_files, world)
+        # every rank hashes its share of the files, rank 0 gets the records
+        shares = on_every_rank(lambda: {n: _record(tmp / n) for n in names[world.rank :: world.size]}, world)
+        on_main(commit, world)
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing once committed
+        raise
     return final
 
 
@@ -208,7 +311,39 @@ def usable_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) 
     )
 
 
-def _load_weights(module: nn.Module, path: Path) -> int:
+def _manifest(directory: Path) -> dict:
+    """The manifest of a committed checkpoint ({} for the flat layout, which has none)."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise EflowError(f"{path} is unreadable ({err}); restore it or retrain") from None
+
+
+def is_sharded(directory: Path) -> bool:
+    """Whether the checkpoint in `directory` is sharded (written through torch.distributed.checkpoint)."""
+    return bool(_manifest(Path(directory)).get("sharded"))
+
+
+def _read_shards(directory: Path, part: str) -> dict:
+    try:
+        return sharded_state.read_part(directory / SHARDS, part)
+    except Exception as err:  # whatever the reader hit (a truncated file, a missing part)
+        message = str(err).split("\n")[0]
+        raise EflowError(
+            f"{directory / SHARDS} cannot be read ({type(err).__name__}: {message}); restore it or retrain"
+        ) from None
+
+
+def read_weights(directory: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], int]:
+    """The EMA ("ema") or online ("model") weights of the checkpoint in `directory`, whole on the CPU, and
+    their step. Either layout: a sharded checkpoint is read by this process alone, no process group."""
+    directory = Path(directory)
+    if is_sharded(directory):
+        return _read_shards(directory, which), int(_manifest(directory)["step"])
+    path = directory / (EMA if which == "ema" else MODEL)
     if not path.is_file():
         raise EflowError(f"{path.parent} has no {path.name}: not a complete run directory")
     try:
@@ -217,14 +352,32 @@ def _load_weights(module: nn.Module, path: Path) -> int:
             step = int((f.metadata() or {}).get("step", -1))
     except (SafetensorError, OSError, ValueError) as err:
         raise EflowError(f"{path} is corrupt ({err}); restore it or retrain") from None
-    own = module.state_dict()
-    wrong = [k for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+    return tensors, step
+
+
+def _check_fits(own: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], source: Path) -> None:
+    """Fail with one line if saved weights (name -> shape) are not those of the model (name -> shape)."""
+    wrong = [k for k, shape in saved.items() if k in own and tuple(shape) != tuple(own[k])]
+    missing, unexpected = set(own) - set(saved), set(saved) - set(own)
     if missing or unexpected or wrong:
         raise EflowError(
-            f"{path} does not fit the model of config.json (missing {sorted(missing)[:3]}, unexpected "
+            f"{source} does not fit the model of config.json (missing {sorted(missing)[:3]}, unexpected "
             f"{sorted(unexpected)[:3]}, other shape {wrong[:3]}); was the config edited after training?"
         )
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}  # a DTensor's shape is the whole one
+
+
+def _source(directory: Path, which: str) -> Path:
+    """Where a checkpoint keeps the weights `which`, for messages."""
+    return directory / SHARDS if is_sharded(directory) else directory / (EMA if which == "ema" else MODEL)
+
+
+def _load_weights(module: nn.Module, directory: Path, which: str) -> int:
+    tensors, step = read_weights(directory, which)
+    _check_fits(_shapes(module.state_dict()), _shapes(tensors), _source(directory, which))
     module.load_state_dict(tensors)
     return step
 
@@ -232,12 +385,10 @@ def _load_weights(module: nn.Module, path: Path) -> int:
 def load_weights(module: nn.Module, run_dir: Path, which: str = "ema", warn=None) -> int:
     """Load the EMA ("ema") or online ("model") weights of a run's newest usable checkpoint; returns the step."""
     directory = usable_checkpoint(Path(run_dir), warn)
-    return _load_weights(module, directory / (EMA if which == "ema" else MODEL))
+    return _load_weights(module, directory, which)
 
 
-def load_checkpoint(run_dir: Path, *, model: nn.Module, ema: nn.Module, warn=None) -> dict:
-    """Restore model, EMA and the trainer state of the newest usable checkpoint; checks they share a step."""
-    directory = usable_checkpoint(Path(run_dir), warn)
+def _load_state_file(directory: Path, needs: set[str]) -> dict:
     state_path = directory / STATE
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -246,14 +397,87 @@ def load_checkpoint(run_dir: Path, *, model: nn.Module, ema: nn.Module, warn=Non
         raise EflowError(
             f"{state_path} is corrupt or not eflow's ({type(err).__name__}: {message}); restore it or retrain"
         ) from None
-    if not isinstance(state, dict) or not {"step", "optimizer", "ema_updates"} <= set(state):
-        raise EflowError(f"{state_path} is not an eflow trainer state (needs step, optimizer, ema_updates)")
-    steps = {"model": _load_weights(model, directory / MODEL), "ema": _load_weights(ema, directory / EMA)}
+    if not isinstance(state, dict) or not needs <= set(state):
+        raise EflowError(f"{state_path} is not an eflow trainer state (needs {', '.join(sorted(needs))})")
+    return state
+
+
+def _sharded_state_file(directory: Path) -> dict:
+    """A sharded checkpoint's trainer_state.pt (no optimizer), checked against its manifest's step."""
+    state = _load_state_file(directory, {"step", "ema_updates"})
+    if int(state["step"]) != int(_manifest(directory)["step"]):
+        raise EflowError(f"{directory}: {STATE} holds step {state['step']}, its manifest another")
+    return state
+
+
+def read_trainer_state(directory: Path) -> dict:
+    """The trainer state of the checkpoint in `directory` with its optimizer state in
+    optimizer.state_dict()'s layout; a sharded checkpoint's is read whole, by this process alone."""
+    directory = Path(directory)
+    if not is_sharded(directory):
+        return _load_state_file(directory, {"step", "optimizer", "ema_updates"})
+    state = _sharded_state_file(directory)
+    return {
+        **state,
+        "optimizer": sharded_state.optimizer_by_index(_read_shards(directory, sharded_state.OPTIM)),
+    }
+
+
+def load_checkpoint(directory: Path, *, model: nn.Module, ema: nn.Module) -> dict:
+    """Restore model and EMA (plain, unsharded modules) from the checkpoint in `directory` (a
+    usable_checkpoint) and return its trainer state, optimizer state included; checks they share a
+    step. Either layout."""
+    directory = Path(directory)
+    state = read_trainer_state(directory)
+    steps = {"model": _load_weights(model, directory, "model"), "ema": _load_weights(ema, directory, "ema")}
     if any(s != state["step"] for s in steps.values()):
         raise EflowError(
             f"{directory}: checkpoint files disagree on the step ({steps}, trainer state {state['step']})"
         )
     return state
+
+
+def load_sharded_checkpoint(
+    directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module
+) -> dict:
+    """Restore model, optimizer and EMA from the sharded checkpoint in `directory`, resharded over this
+    run's ranks (any world size; every rank must call), and return the trainer state (no optimizer)."""
+    directory = Path(directory)
+    state = _sharded_state_file(directory)
+    for module, part in ((model, sharded_state.MODEL), (ema, sharded_state.EMA)):
+        saved = sharded_state.saved_shapes(directory / SHARDS, part)
+        _check_fits(_shapes(module.state_dict()), saved, directory / SHARDS)
+    try:
+        sharded_state.load_state(directory / SHARDS, model, optimizer, ema)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:  # what a rank raised while loading
+        message = str(err).split("\n")[0]
+        raise EflowError(
+            f"{directory / SHARDS} does not load into this run ({type(err).__name__}: {message}); "
+            "was the config edited?"
+        ) from None
+    return state
+
+
+def write_full_checkpoint(
+    out: Path, *, config_json: str, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], state: dict
+) -> Path:
+    """Write a full checkpoint (config.json, model.safetensors, ema.safetensors, trainer_state.pt,
+    manifest.json) as the new directory `out`, committed by one rename as save_checkpoint commits. Such a
+    directory is also a run of the flat layout: eflow sample and --resume take it as it is."""
+    out = Path(out)
+    if out.exists():
+        raise EflowError(f"{out} already exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{TMP_PREFIX}{out.name}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        _write_full(tmp, config_json=config_json, model=model, ema=ema, state=state, hit=lambda stage: None)
+        os.replace(tmp, out)
+        _fsync(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, run_dir: Path) -> None:

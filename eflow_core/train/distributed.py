@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from eflow.errors import EflowError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,51 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _failure(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def on_main(work: Callable[[], T], world: World) -> T:
+    """work() on rank 0, its result (any picklable value) handed to every rank; every rank must call.
+    When it fails, every rank raises: rank 0 its own exception, the others an EflowError naming it, so
+    no rank waits for a collective that rank 0 will never join."""
+    if world.size == 1:
+        return work()
+    box: list = [None, None]  # [result, failure]
+    error = None
+    if world.is_main:
+        try:
+            box[0] = work()
+        except BaseException as err:
+            box[1], error = _failure(err), err
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise EflowError(f"rank 0 failed: {box[1]}")
+    return box[0]
+
+
+def on_every_rank(work: Callable[[], T], world: World) -> list[T]:
+    """work() on every rank, every rank's result (in rank order) handed to every rank; every rank must
+    call. When it fails on any rank, every rank raises (that rank its own exception)."""
+    if world.size == 1:
+        return [work()]
+    error = None
+    try:
+        mine = (work(), None)
+    except BaseException as err:
+        mine, error = (None, _failure(err)), err
+    results: list = [None] * world.size
+    dist.all_gather_object(results, mine)
+    if error is not None:
+        raise error
+    for rank, (_, failure) in enumerate(results):
+        if failure is not None:
+            raise EflowError(f"rank {rank} failed: {failure}")
+    return [result for result, _ in results]
 
 
 def barrier(world: World) -> None:

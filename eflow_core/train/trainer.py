@@ -38,6 +38,7 @@ from eflow.memory_budget import check_fits, is_out_of_memory, out_of_memory_mess
 from eflow.network import DropPlan, Network
 from eflow.objective import StepInfo
 from eflow.parallel.parallelize import parallelize
+from eflow.parallel.sequence import data_parallel_world, sequence_mesh
 from eflow.registry import get_registry
 from eflow.run_dir import CONFIG, METRICS
 from eflow.sampling import generate, sample_labels, sampler_name
@@ -156,6 +157,8 @@ class Trainer:
         if self.world.size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.world.local_rank)
             torch.cuda.set_device(self.device)
+        # the data-parallel replicas: the sp ranks of a sequence-parallel group share one batch and its draws
+        self.dp: World = data_parallel_world(self.world, cfg.parallel.sp)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.precision = "bf16" if bf16 else "fp32"
         torch.manual_seed(cfg.train.seed)
@@ -168,11 +171,16 @@ class Trainer:
         self.parts.move_to(self.device)
         broadcast_parameters(self.model, self.world)
         self.ema = EMA(self.model, cfg.train.ema_decay)  # a plain copy, taken before any wrapping
-        state = None
-        if self.resume:  # into the plain modules: a sharded model takes its shards from them
-            state = checkpoint.load_checkpoint(
-                self.run_dir, model=self.model, ema=self.ema.model, warn=self._warn
-            )
+        state, saved = None, None
+        if self.resume:
+            saved = checkpoint.usable_checkpoint(self.run_dir, self._warn)
+        # a sharded checkpoint reshards over the ranks of an FSDP run; anything else loads whole, into
+        # the plain modules (a model sharded afterwards takes its shards from them)
+        reshard = (
+            saved is not None and cfg.parallel.fsdp and self.world.size > 1 and checkpoint.is_sharded(saved)
+        )
+        if saved is not None and not reshard:
+            state = checkpoint.load_checkpoint(saved, model=self.model, ema=self.ema.model)
         self._parallelize()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -180,6 +188,10 @@ class Trainer:
             weight_decay=cfg.train.weight_decay,
             betas=cfg.train.betas,
         )
+        if reshard:
+            state = checkpoint.load_sharded_checkpoint(
+                saved, model=self.model, optimizer=self.optimizer, ema=self.ema.model
+            )
         self.objective = get_registry("objective").create(
             cfg.objective.name, options=cfg.objective.options, total_steps=cfg.train.steps
         )
@@ -197,8 +209,8 @@ class Trainer:
             self.curriculum.datasets,
             cfg.train.batch_size,
             cfg.train.seed,
-            self.world.rank,
-            self.world.size,
+            self.dp.rank,
+            self.dp.size,
             dataset_of=self.curriculum.dataset_at,
             image_ratio=cfg.data.image_ratio,
         )
@@ -207,9 +219,10 @@ class Trainer:
         self.skips = SkipLog(warn=self._warn if self.world.is_main else None)
         self.start_step = 0
         if state is not None:
-            checkpoint.restore_optimizer(self.optimizer, state["optimizer"], self.run_dir)
-            if self.sharded is not None:
-                self.sharded.shard_optimizer_state(self.optimizer)
+            if not reshard:  # a resharded load restored the optimizer already
+                checkpoint.restore_optimizer(self.optimizer, state["optimizer"], self.run_dir)
+                if self.sharded is not None:
+                    self.sharded.shard_optimizer_state(self.optimizer)
             self.ema.updates = int(state["ema_updates"])
             self.start_step = int(state["step"])
             self.skips.load_state(state.get("skipped_files", {}))
@@ -235,9 +248,14 @@ class Trainer:
                 "is empty on a rank. Set it to false (weights gathered once per step)"
             )
         bf16 = self.precision == "bf16"
-        self.model = parallelize(self.model, p, self.world, self.device, bf16=bf16)
+        mesh = sequence_mesh(self.world, p.sp, self.device.type) if p.sp > 1 else None
+        self.model = parallelize(self.model, p, self.world, self.device, bf16=bf16, mesh=mesh)
+        # the EMA stays whole and unsplit: previews and validation run it on rank 0 alone
         self.ema.model = parallelize(
-            self.ema.model, p.model_copy(update={"ac": "off", "fsdp": False}), self.world, self.device
+            self.ema.model,
+            p.model_copy(update={"ac": "off", "fsdp": False, "sp": 1}),
+            self.world,
+            self.device,
         )
         self.sharded = None
         if p.fsdp and self.world.size > 1:
@@ -250,7 +268,7 @@ class Trainer:
         cfg, parts = self.cfg, self.parts
         shapes = set(cfg.schedule.shapes(cfg.data))
         keep = 1.0 - min(stage.drop_ratio for stage in cfg.schedule.stages)
-        local_batch = -(-cfg.train.batch_size // self.world.size)
+        local_batch = -(-cfg.train.batch_size // data_parallel_world(self.world, cfg.parallel.sp).size)
         needs = [
             training_need(
                 parts.model,
@@ -321,7 +339,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        seed = step_seed(cfg.train.seed, self.world.rank, step)
+        seed = step_seed(cfg.train.seed, self.dp.rank, step)
         torch.manual_seed(seed)
         raw = self._next_batch(step)
         x0 = self._x0(raw)
@@ -380,31 +398,44 @@ class Trainer:
 
     # ----- outputs -------------------------------------------------------------------------------
     def save(self, step: int) -> None:
-        """Commit the checkpoint of `step` (the number of optimizer steps applied). A sharded model's
-        weights and optimizer state are gathered first, by every rank, into the unsharded layout."""
-        model, optimizer_state = self.model, None
-        if self.sharded is not None:
-            from eflow.parallel.fsdp import Gathered
+        """Commit the checkpoint of `step` (the number of optimizer steps applied): under FSDP sharded,
+        every rank writing its shards (checkpoint.save_sharded_checkpoint); else rank 0 writes it whole.
 
-            model = Gathered(self.sharded.model_state())
-            optimizer_state = self.sharded.optimizer_state(self.optimizer, keep=self.world.is_main)
-        if not self.world.is_main:
-            return
-        state = {
-            "step": step,
-            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
-            "ema_updates": self.ema.updates,
-            "skipped_files": self.skips.state(),
-        }
+        No random state is saved: every draw of step k on rank r derives from (seed, k, r), and the data
+        of step k from (seed, k), so the step number is the whole position of the run."""
         try:
-            checkpoint.save_checkpoint(
-                self.run_dir,
-                config_json=self.cfg.to_json(),
-                model=model,
-                ema=self.ema.model,
-                state=state,
-                keep=self.cfg.train.keep_checkpoints,
-            )
+            if self.sharded is not None:
+                checkpoint.save_sharded_checkpoint(
+                    self.run_dir,
+                    config_json=self.cfg.to_json(),
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    ema=self.ema.model,
+                    state={
+                        "step": step,
+                        "ema_updates": self.ema.updates,
+                        "skipped_files": self.skips.state(),
+                    },
+                    world=self.world,
+                    keep=self.cfg.train.keep_checkpoints,
+                )
+            elif self.world.is_main:
+                state = {
+                    "step": step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "ema_updates": self.ema.updates,
+                    "skipped_files": self.skips.state(),
+                }
+                checkpoint.save_checkpoint(
+                    self.run_dir,
+                    config_json=self.cfg.to_json(),
+                    model=self.model,
+                    ema=self.ema.model,
+                    state=state,
+                    keep=self.cfg.train.keep_checkpoints,
+                )
+            else:
+                return
         except (OSError, SafetensorError) as err:  # a full disk, a quota, a vanished mount
             last = checkpoint.latest_checkpoint(self.run_dir)
             kept = f"{last.name} is intact" if last is not None else "no checkpoint was committed yet"
@@ -412,8 +443,9 @@ class Trainer:
                 f"cannot write the checkpoint of step {step} to {self.run_dir}: {getattr(err, 'strerror', None) or err}"
                 f"; {kept}; free space and continue with --resume"
             ) from None
-        for aside in self._aside:  # the new run has a checkpoint: the overwritten one can go
-            shutil.rmtree(aside, ignore_errors=True)
+        if self.world.is_main:  # the new run has a checkpoint: the overwritten one can go
+            for aside in self._aside:
+                shutil.rmtree(aside, ignore_errors=True)
         self._aside = []
 
     def preview(self, step: int) -> Path | None:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from eflow.api import (
+    HeadRows,
     RMSNorm,
     SelfAttention,
     TokenContext,
@@ -203,6 +204,14 @@ class GLGAttention(SelfAttention):
         self.gate = (
             nn.Linear(dim, 2 * (num_heads if gate_per_head else 1)) if opts.branches == "gated" else None
         )
+        self.gate_per_head = opts.gate_per_head and self.gate is not None
+
+    def for_heads(self, start: int, stop: int) -> GLGAttention:
+        """Heads [start, stop) alone (sequence parallelism): a per-head gate keeps those heads' rows, laid
+        out as (2, H); a shared gate and the per-head-dim norms serve any heads as they are."""
+        if not self.gate_per_head:
+            return self
+        return self.with_modules(gate=HeadRows(self.gate, 2, self.num_heads, start, stop))
 
     def global_branch(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """(5): RMSNorm(Q (K^T V)), product and norm in fp32: [B, M, H, d]."""

@@ -164,4 +164,5 @@ def register_attention(register):
         SanaAttention,
         summary="Sana-Video: ReLU linear attention (RoPE numerator) + conv Mix-FFN; dropped tokens are zeros in its convs.",
         options=SanaOptions,
+        attend_reads_x=False,
     )

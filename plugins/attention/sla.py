@@ -239,4 +239,5 @@ def register_attention(register):
         SparseLinearAttention,
         summary="Sparse-Linear Attention (thu-ml/SLA): top-k block softmax + linear attention on the rest.",
         options=SLAOptions,
+        attend_reads_x=False,
     )

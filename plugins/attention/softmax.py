@@ -85,4 +85,5 @@ def register_attention(register):
         "softmax",
         SoftmaxAttention,
         summary="Full softmax attention (Wan 2.1 baseline): SDPA, cuDNN > flash > efficient on CUDA.",
+        attend_reads_x=False,
     )

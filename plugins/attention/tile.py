@@ -212,4 +212,5 @@ def register_attention(register):
         TileAttention,
         summary="Efficient-vDiT Attention Tile: softmax within each frame plus global reference frames; droppable.",
         options=TileOptions,
+        attend_reads_x=False,
     )

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor, nn
 
 from eflow.api import (
+    HeadRows,
     SelfAttention,
     TokenContext,
     flex,
@@ -165,6 +166,12 @@ class VideoSparseAttention(SelfAttention):
         opts = VSAOptions(tile=tile, sparsity=sparsity, impl=impl)
         self.tile, self.sparsity, self.impl = opts.tile, opts.sparsity, opts.impl
         self.gate = nn.Linear(dim, dim)
+
+    def for_heads(self, start: int, stop: int) -> VideoSparseAttention:
+        """Heads [start, stop) alone (sequence parallelism): the gate keeps those heads' d rows each."""
+        view = self.with_modules(gate=HeadRows(self.gate, 1, self.num_heads, start, stop))
+        view.num_heads = stop - start  # _combine splits the gate into num_heads heads
+        return view
 
     def _coarse(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext
