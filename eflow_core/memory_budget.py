@@ -90,12 +90,15 @@ def training_need(
     middle_keep: float = 1.0,
     checkpoint_every: int = 0,
     shards: int = 1,
+    sequence_shards: int = 1,
 ) -> MemoryNeed:
     """Lower bound for one training step of `batch_size` clips (frames, height, width); the middle blocks
     see `middle_keep` of the tokens (1 - the smallest drop ratio of the schedule); checkpoint_every: the
     blocks under activation checkpointing (ParallelSection.checkpoint_every: 0 none, 1 all, n every n-th);
-    shards: ranks FSDP splits the training state over (1 without FSDP)."""
-    tokens = math.prod(model.token_grid(latent_shape))
+    shards: ranks FSDP splits the training state over (1 without FSDP); sequence_shards: ranks a block's
+    tokens are split over (parallel.sp; the all-to-all gives each rank all tokens of 1/sp of the heads,
+    the same count of values)."""
+    tokens = math.ceil(math.prod(model.token_grid(latent_shape)) / sequence_shards)
     spec = model.spec
     kept_tokens = math.ceil(tokens * middle_keep)
     block_tokens = (

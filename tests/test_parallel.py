@@ -335,6 +335,16 @@ def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
         assert (tmp_path / f"divergent_{r}.ok").is_file()
 
 
+def test_the_training_need_splits_activations_over_the_sequence_shards(tiny_model):
+    """parallel.sp = 2: each rank keeps the activations of half the tokens of every block."""
+    key = "activations kept for backward"
+    grid = 8 * 8 * 8  # 8 x 32 x 32 pixels through the tiny preset's 1 x 4 x 4 patch
+    whole = training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False).parts[key]
+    split = training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False, sequence_shards=2).parts[key]
+    assert whole == 4 * 4 * kept_activations([grid] * 6, 96, 864)
+    assert split == 4 * 4 * kept_activations([grid // 2] * 6, 96, 864)
+
+
 if __name__ == "__main__":  # a rank of test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path
     fsdp_worker(Path(sys.argv[1]))
 

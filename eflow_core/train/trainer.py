@@ -279,6 +279,7 @@ class Trainer:
                 middle_keep=keep,
                 checkpoint_every=cfg.parallel.checkpoint_every,
                 shards=self.world.size if cfg.parallel.fsdp else 1,
+                sequence_shards=cfg.parallel.sp,
             )
             for shape in sorted(shapes)
         ]
