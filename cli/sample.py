@@ -1,4 +1,5 @@
-"""`eflow sample RUN_DIR`: load a run's resolved config and weights, sample, write mp4 + gif + PNG grid."""
+"""`eflow sample RUN_DIR`: load a run's resolved config and weights, sample, write mp4 + gif + PNG grid
+(under torchrun with --sp N: N processes split every model call, rank 0 writes; eflow.sample_run)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,14 @@ def register(app: typer.Typer) -> None:
         caption: Annotated[
             list[str] | None, typer.Option(help="caption(s) for text-conditioned runs")
         ] = None,
-        num: Annotated[int | None, typer.Option(help="number of videos")] = None,
+        num: Annotated[
+            int | None,
+            typer.Option(
+                "--num",
+                "-n",
+                help="number of videos (-n under torchrun, which takes --num for its --numa-binding)",
+            ),
+        ] = None,
         seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
         sampler: Annotated[str | None, typer.Option(help="sampler (default: the objective's own)")] = None,
         batch_size: Annotated[
@@ -37,16 +45,18 @@ def register(app: typer.Typer) -> None:
         weights: Annotated[str, typer.Option(help="ema or model (online) weights")] = "ema",
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
         out: Annotated[Path | None, typer.Option(help="output directory (default: RUN_DIR/samples)")] = None,
+        sp: Annotated[
+            int,
+            typer.Option(
+                help="Ulysses sequence parallelism under torchrun: the N processes of "
+                "`torchrun --nproc-per-node N` split every model call's tokens; rank 0 writes"
+            ),
+        ] = 1,
     ) -> None:
         """Sample videos from a trained run (all files of a call replace the previous call's together)."""
-        from eflow.assembly import resolve_device
-        from eflow.errors import EflowError
-        from eflow.loaded_run import load_run
-        from eflow.sample_run import sample_run
+        from eflow.sample_run import sample_run_dir
 
         with user_errors():
-            run = load_run(run_dir, resolve_device(device), weights)
-            out_dir = out or run_dir / "samples"
             progress = Progress(
                 TextColumn("[bold]sample[/]"),
                 BarColumn(),
@@ -66,9 +76,12 @@ def register(app: typer.Typer) -> None:
                 progress.update(tasks[0], advance=done)
 
             try:
-                result = sample_run(
-                    run,
-                    out_dir,
+                result = sample_run_dir(
+                    run_dir,
+                    out,
+                    device=device,
+                    weights=weights,
+                    sp=sp,
                     steps=steps,
                     guidance=guidance,
                     num=num,
@@ -80,14 +93,14 @@ def register(app: typer.Typer) -> None:
                     each=each,
                     on_batch=advance,
                 )
-            except OSError as err:
-                raise EflowError(f"cannot write to --out {out_dir}: {err.strerror or err}") from None
             finally:
                 if tasks:
                     progress.stop()
+            if not result.wrote:
+                return  # a rank 1.. of an --sp group: rank 0 reports
             err_console.print(
                 f"[green]sampled[/] {result.num} videos with '{result.sampler}' ({result.steps} steps, "
-                f"w={result.guidance}) from {weights} weights at step {run.step}:"
+                f"w={result.guidance}) from {result.weights} weights at step {result.step}:"
             )
             for kind, path in result.paths.items():
                 typer.echo(f"  {kind}: {path}")

@@ -5,25 +5,46 @@ batch b seeded with seed + b * 1,000,003 (the videos depend on the seed and the 
 most batch_size videos is one batch). Here: the flags' checks, the grid (mp4, gif, PNG) of the first
 MAX_GRID videos, and with `each` every video as videos/NNNNNN.mp4. All files of one call replace the
 previous call's together (eflow.output_set).
+
+Under torchrun, `sample_run_dir(..., sp=N)` samples on N processes that form one Ulysses group
+(eflow.parallel.sequence): each rank loads the run, the model's blocks are split over the group, and
+every rank makes the same calls with the same noise and conditions (the same seeds on every rank), so
+each model call runs once, spread over the N ranks. Rank 0 alone decodes, writes and reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
+from eflow.assembly import resolve_device
 from eflow.data.video_io import write_mp4
 from eflow.errors import ConfigError, EflowError
-from eflow.loaded_run import LoadedRun
+from eflow.loaded_run import LoadedRun, load_run
 from eflow.memory_budget import is_out_of_memory, out_of_memory_message
 from eflow.output_set import output_set
 from eflow.pipeline import BATCH_SEED_STRIDE, DEFAULT_CAPTION, Pipeline, generate
 from eflow.sampling import write_samples
+from eflow.train.distributed import World, init_world, shutdown
 
-__all__ = ["BATCH_SEED_STRIDE", "DEFAULT_CAPTION", "MAX_GRID", "SampleResult", "sample_run"]
+__all__ = [
+    "BATCH_SEED_STRIDE",
+    "DEFAULT_CAPTION",
+    "MAX_GRID",
+    "SampleResult",
+    "check_processes",
+    "sample_run",
+    "sample_run_dir",
+    "split_over_group",
+]
 
 MAX_GRID = 64  # videos in the mosaic and the PNG grid
 
@@ -36,7 +57,10 @@ class SampleResult:
     sampler: str
     steps: int
     guidance: float
-    paths: dict[str, Path]  # mp4, gif, png (and videos/ with `each`)
+    paths: dict[str, Path]  # mp4, gif, png (and videos/ with `each`); empty where nothing was written
+    step: int  # the optimizer step of the weights sampled from
+    weights: str  # "ema" or "model"
+    wrote: bool = True  # False on ranks 1.. of a sequence-parallel group: they decode and write nothing
 
 
 def check_flags(run: LoadedRun, label: int | None, captions: list[str] | None) -> None:
@@ -50,6 +74,18 @@ def check_flags(run: LoadedRun, label: int | None, captions: list[str] | None) -
     classes = run.parts.num_classes
     if label is not None and not 0 <= label < classes:
         raise EflowError(f"--label {label} is out of range; this run has classes 0..{classes - 1}")
+
+
+class _KeepLatents:
+    """The autoencoder of a rank that writes nothing: decode() hands the latents back undecoded."""
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents
+
+
+def _undecoded(model, autoencoder, *args: Any, **kwargs: Any) -> Tensor:
+    """This module's `generate` without the decoding: a rank 1.. of a group only joins the model calls."""
+    return generate(model, _KeepLatents(), *args, **kwargs)
 
 
 def sample_run(
@@ -66,8 +102,11 @@ def sample_run(
     captions: list[str] | None = None,
     each: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    write: bool = True,
 ) -> SampleResult:
-    """Sample `num` videos from `run` into `out_dir`; None flags take the run's sample section."""
+    """Sample `num` videos from `run` into `out_dir`; None flags take the run's sample section.
+    write=False (ranks 1.. of a sequence-parallel group): make the same model calls, decode and write
+    nothing, call no on_batch."""
     check_flags(run, label, captions)
     pipe = Pipeline(run)
     plan = pipe.plan(
@@ -86,25 +125,113 @@ def sample_run(
             f"--num {n}: the sample grid shows at most {MAX_GRID} videos; add --each to write every video "
             "as its own mp4 (videos/000000.mp4, ...)"
         )
+    result = SampleResult(
+        n, plan.sampler, settings.steps, settings.guidance, {}, run.step, run.weights, write
+    )
     grid: list[torch.Tensor] = []
     set_names = ("samples.mp4", "samples.gif", "samples.png", "videos")  # all a call may write
-    with output_set(out_dir, set_names) as stage:
+    with out_of_memory_named(f"sampling {plan.batch_size} videos on {run.device}"):
+        if not write:
+            for _ in pipe.batches(plan, generate=_undecoded):
+                continue  # the model calls are this rank's work; their latents are rank 0's to decode
+            return result
         try:
-            # this module's `generate`, looked up per call, so a caller can watch the batches
-            for start, videos in pipe.batches(plan, generate=generate):
+            with output_set(out_dir, set_names) as stage:
+                # this module's `generate`, looked up per call, so a caller can watch the batches
+                for start, videos in pipe.batches(plan, generate=generate):
+                    if each:
+                        for i, video in enumerate(videos, start=start):
+                            write_mp4(stage / "videos" / f"{i:06d}.mp4", video, fps=settings.fps)
+                    grid.extend(videos[: MAX_GRID - len(grid)])
+                    if on_batch is not None:
+                        on_batch(len(videos), n)  # videos done in this batch, of n
+                staged = write_samples(torch.stack(grid), stage, settings.fps)
                 if each:
-                    for i, video in enumerate(videos, start=start):
-                        write_mp4(stage / "videos" / f"{i:06d}.mp4", video, fps=settings.fps)
-                grid.extend(videos[: MAX_GRID - len(grid)])
-                if on_batch is not None:
-                    on_batch(len(videos), n)  # videos done in this batch, of n
-        except (RuntimeError, MemoryError) as err:
-            if not is_out_of_memory(err):
-                raise
-            doing = f"sampling {plan.batch_size} videos on {run.device}"
-            raise EflowError(out_of_memory_message(err, doing, "lower --batch-size")) from None
-        staged = write_samples(torch.stack(grid), stage, settings.fps)
-        if each:
-            staged["videos"] = stage / "videos"
-    paths = {kind: out_dir / path.name for kind, path in staged.items()}
-    return SampleResult(n, plan.sampler, settings.steps, settings.guidance, paths)
+                    staged["videos"] = stage / "videos"
+        except OSError as err:
+            raise EflowError(f"cannot write to --out {out_dir}: {err.strerror or err}") from None
+    result.paths = {kind: out_dir / path.name for kind, path in staged.items()}
+    return result
+
+
+@contextmanager
+def out_of_memory_named(doing: str) -> Iterator[None]:
+    """An out-of-memory error inside as one EflowError saying what ran out and to lower --batch-size."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise EflowError(out_of_memory_message(err, doing, "lower --batch-size")) from None
+
+
+# ----- sampling under torchrun ------------------------------------------------------------------------
+def check_processes(sp: int, processes: int) -> None:
+    """Sampling runs one sequence-parallel group: exactly `sp` processes (before any joins a group)."""
+    if sp < 1:
+        raise ConfigError(f"--sp {sp}: must be at least 1")
+    if processes == sp:
+        return
+    if sp == 1:
+        raise ConfigError(
+            f"eflow sample is running in {processes} processes (torchrun) with --sp 1: pass --sp {processes} "
+            "to split every model call over them, or run it without torchrun"
+        )
+    raise ConfigError(
+        f"--sp {sp} needs exactly {sp} processes (one sequence-parallel group samples every video); this "
+        f"job has {processes}: run `torchrun --nproc-per-node {sp} -m eflow.cli.app sample RUN --sp {sp}`"
+    )
+
+
+def split_over_group(run: LoadedRun, world: World, sp: int) -> None:
+    """Ulysses over the `sp` ranks of `world` on the run's model, in place; sp = 1: nothing. The model
+    is checked first (sp divides its heads, its backend can be split), alike on every rank."""
+    if sp == 1:
+        return
+    from eflow.parallel.sequence import apply_sequence_parallel, check_model, sequence_mesh
+
+    try:
+        check_model(run.parts.model, sp)
+    except ConfigError as err:
+        raise ConfigError(f"eflow sample --sp {sp}: {err}") from None
+    apply_sequence_parallel(run.parts.model, sequence_mesh(world, sp, run.device.type))
+
+
+@contextmanager
+def joined_world(device: torch.device) -> Iterator[tuple[World, torch.device]]:
+    """The process group torchrun describes, joined (gloo on CPU, NCCL on CUDA with this process's
+    LOCAL_RANK device), and destroyed on leaving, also on error; one process: World() and `device`."""
+    joins = not dist.is_initialized()  # a group a caller made stays the caller's
+    world = init_world(device)
+    try:
+        if world.size > 1 and device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)
+        yield world, device
+    finally:
+        if joins:
+            shutdown(world)
+
+
+def sample_run_dir(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    device: str | torch.device = "auto",
+    weights: str = "ema",
+    sp: int = 1,
+    **flags: Any,
+) -> SampleResult:
+    """`eflow sample RUN_DIR`: load the run and sample it into out_dir (default RUN_DIR/samples); flags:
+    sample_run's. sp > 1, under torchrun with sp processes: every rank joins the group, loads the run
+    and splits its model's tokens over the group (eflow.parallel.sequence); the ranks draw the same noise
+    and conditions (the same seeds), so the videos are one process's; rank 0 alone decodes and writes,
+    the result of every other rank has wrote=False and no paths."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "samples"
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    check_processes(sp, int(os.environ.get("WORLD_SIZE", "1")))
+    with joined_world(device) as (world, device):
+        run = load_run(run_dir, device, weights)
+        split_over_group(run, world, sp)
+        return sample_run(run, out_dir, write=world.is_main, **flags)

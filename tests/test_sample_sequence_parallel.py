@@ -1,0 +1,130 @@
+"""`eflow sample RUN --sp 2` under torchrun (2 gloo processes) samples the videos one process samples:
+both ranks draw the same noise and conditions, the model's tokens are split over them (all-to-alls
+around attention), and rank 0 alone writes. A process count other than --sp, and an sp that does not
+divide the heads, are one clear error.
+
+Run as a script under torchrun, this file is a rank of test_sp_2_under_torchrun_samples_what_one_process_samples.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import tiny_config
+from typer.testing import CliRunner
+
+from eflow.cli.app import app
+from eflow.errors import ConfigError
+from eflow.loaded_run import load_run
+from eflow.sample_run import split_over_group
+from eflow.train.distributed import World
+from eflow.train.trainer import Trainer
+
+SAMPLE = ["--steps", "2", "-n", "2", "--seed", "5", "--device", "cpu"]  # --num: torchrun's (docs/cli.md)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny EFlow run (4 heads, 8 tokens per clip) trained for 2 steps."""
+    out = tmp_path_factory.mktemp("sample-sp") / "run"
+    Trainer(tiny_config(out, steps=2, threads=1), progress=False).run()
+    return out
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def grid(out: Path) -> np.ndarray:
+    """samples.png (lossless: every sampled frame, one row per video) as uint8 [H, W, 3]."""
+    return np.asarray(Image.open(out / "samples.png").convert("RGB")).astype(np.int16)
+
+
+def test_sp_2_under_torchrun_samples_what_one_process_samples(tmp_path, run_dir):
+    """Compared: samples.png, the lossless frame grid (samples.mp4 is H.264, lossy, so not compared
+    bytewise). The decoded videos agree to fp32 rounding (the split model computes the same sums on
+    shards of the tokens, in another blocking), which moves a uint8 level by at most 1, and rarely:
+    every pixel within 1 level, and at least 99% of them equal. Each rank gets its own --out so that
+    rank 1's writing nothing can be seen; the ranks count their all-to-alls to show the model really
+    ran split."""
+    one = CliRunner().invoke(app, ["sample", str(run_dir), *SAMPLE, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    proc = torchrun(__file__, str(run_dir), str(tmp_path / "sp2"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (proc.stdout + proc.stderr).count("sampled 2 videos") == 1  # rank 0 alone reports
+    assert not (tmp_path / "sp2" / "rank1").exists()  # rank 1 wrote nothing
+    assert sorted(p.name for p in (tmp_path / "sp2" / "rank0").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
+    for rank in range(2):
+        assert int((tmp_path / "sp2" / f"all_to_alls_{rank}.txt").read_text()) > 0
+    a, b = grid(tmp_path / "sp2" / "rank0"), grid(tmp_path / "one")
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 1
+    assert (a == b).mean() >= 0.99
+
+
+def test_sp_other_than_the_process_count_is_one_error_naming_both(tmp_path, run_dir):
+    """The documented command, --sp 3 on 2 processes: refused before any rank joins a group."""
+    proc = torchrun(
+        "-m", "eflow.cli.app", "sample", str(run_dir), "--sp", "3", *SAMPLE, "--out", str(tmp_path)
+    )
+    assert proc.returncode != 0
+    assert "--sp 3 needs exactly 3 processes" in proc.stderr and "this job has 2" in proc.stderr, proc.stderr
+    assert proc.stderr.count("error: --sp 3") == 2  # each rank's one line (torchrun adds its own summary)
+    assert "sample_run.py" not in proc.stderr  # no traceback from eflow
+    assert not list(tmp_path.iterdir())
+
+
+def test_sp_2_in_one_process_is_refused_naming_torchrun(tmp_path, run_dir):
+    result = CliRunner().invoke(
+        app, ["sample", str(run_dir), "--sp", "2", *SAMPLE, "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--sp 2 needs exactly 2 processes" in result.output
+    assert "torchrun --nproc-per-node 2" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_sp_that_does_not_divide_the_heads_is_refused_before_any_collective(run_dir):
+    """The check runs on every rank before the mesh is built, so no rank waits on a group: here a world
+    of 3 that was never joined."""
+    run = load_run(run_dir, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"--sp 3: .*4 heads; choose sp in \[1, 2, 4\]"):
+        split_over_group(run, World(0, 3, 0), 3)
+
+
+def sp_worker(run_dir: Path, out: Path) -> None:
+    """One rank: `eflow sample RUN --sp 2` (the CLI's entry point), counting the model's
+    sequence-to-heads all-to-alls; --out is out/rank{RANK}."""
+    from eflow.cli.app import main
+    from eflow.parallel import sequence
+
+    rank = os.environ["RANK"]
+    calls = []
+    to_heads = sequence.sequence_to_heads
+
+    def counted(qkv, shard):
+        calls.append(qkv.shape)
+        return to_heads(qkv, shard)
+
+    sequence.sequence_to_heads = counted
+    sys.argv = ["eflow", "sample", str(run_dir), "--sp", "2", *SAMPLE, "--out", str(out / f"rank{rank}")]
+    try:
+        main()
+    finally:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"all_to_alls_{rank}.txt").write_text(str(len(calls)))
+
+
+if __name__ == "__main__":  # a rank of test_sp_2_under_torchrun_samples_what_one_process_samples
+    sp_worker(Path(sys.argv[1]), Path(sys.argv[2]))
