@@ -438,3 +438,18 @@ def test_solution_map_helper_is_the_euler_parameterization():
     x, F = torch.randn(3, 2, 1, 1, 1), torch.randn(3, 2, 1, 1, 1)
     t, s = torch.tensor([1.0, 0.5, 0.3]), torch.tensor([0.0, 0.25, 0.3])
     assert torch.allclose(solution_map(x, t, s, F), x + (s - t).view(-1, 1, 1, 1, 1) * F)
+
+
+def test_self_guided_target_has_the_guided_velocity_as_its_fixed_point_and_less_noise():
+    """guidance_target = 'self': where F_sg is the guided velocity of the mean, the target is the guided
+    velocity of the mean plus the sample's own noise, not (1 + k) times it."""
+    g = torch.Generator().manual_seed(0)
+    mean, v_u, noise = (torch.randn(4, 3, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.tensor([2.5, 3.0, 4.5, 1.0], dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 0.9, 0.3], dtype=torch.float64)  # t = 0.9: past the CFG decay time 0.8
+    guided_mean = sf_module.guided_velocity(mean, v_u, w, t, 0.8)
+    target = sf_module.self_guided_velocity(mean + noise, guided_mean, v_u, w, t, 0.8)
+    torch.testing.assert_close(target, guided_mean + noise)
+    sample_target = sf_module.guided_velocity(mean + noise, v_u, w, t, 0.8)
+    k = sf_module.cfg_decay(t, 0.8) * (w - 1)
+    torch.testing.assert_close(sample_target, guided_mean + (1 + k).view(-1, 1, 1, 1, 1) * noise)

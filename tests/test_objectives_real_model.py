@@ -132,6 +132,8 @@ def test_fm_loss_equals_per_sample_hand_computation_on_the_video_dit(model, batc
         (True, {"mva": True}),
         (True, {"mva": True, "target": "ema", "velocity_mix": 1.0}),
         (False, {"mva": True, "mva_target": "online", "mix_fm_target": False}),
+        (True, {"mva": True, "guidance_target": "self"}),
+        (False, {"mva": True, "guidance_target": "self", "velocity_mix": 1.0}),
     ],
 )
 def test_batched_solution_flow_loss_equals_its_per_sample_reference(model, batch, pdg, options):

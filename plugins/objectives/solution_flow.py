@@ -143,6 +143,12 @@ class SolutionFlowOptions(BaseModel):
         description="FM regresses mix v_g + (1 - mix) F_sg too, F_sg the detached F of the same pass (SoFlow's "
         "code; no extra pass): the error is scaled by mix, which sets FM's adaptive weight against SCM's",
     )
+    guidance_target: Literal["sample", "self"] = Field(
+        "sample",
+        description="the CFG-folded FM target: 'sample' = v + k (v - v_u) (EFlow Eq. 9/11, SoFlow), k = d(t) (w - 1); "
+        "'self' = v + k / (1 + k) (F_sg - v_u) with F_sg the detached guided prediction at the same point (no "
+        "extra pass): the same fixed point, with the sample noise of v not amplified by (1 + k) (docs/results.md)",
+    )
     target: Literal["online", "ema"] = Field(
         "online", description="weights of the SCM target f_sg: online under no_grad (SoFlow) or the EMA copy"
     )
@@ -215,6 +221,21 @@ def guided_velocity(v: Tensor, v_uncond: Tensor, w: Tensor, t: Tensor, decay_tim
     """v_g = v + d(t) (w - 1) (v - v_u): w v + (1 - w) v_u where d = 1 (EFlow Eq. 9/11); w, t [B]."""
     k = expand_like((cfg_decay(t, decay_time) * (w - 1)).to(v.dtype), v)
     return v + k * (v - v_uncond)
+
+
+def self_guided_velocity(
+    v: Tensor, F_guided: Tensor, v_uncond: Tensor, w: Tensor, t: Tensor, decay_time: float
+) -> Tensor:
+    """v + k / (1 + k) (F_sg - v_u), k = d(t) (w - 1), F_sg the detached guided prediction F(x_t, t, t, c, w).
+
+    Where F_sg equals the guided velocity (1 + k) E[v] - k v_u, this equals E[v] + k (E[v] - v_u) + (v - E[v]):
+    the target of guided_velocity, but with the per-sample noise v - E[v] kept at its FM size instead of
+    scaled by 1 + k (3.5 to 5.5 for w in [2.5, 4.5]). Regressing F on it converges to that fixed point (the
+    map F -> target contracts by k / (1 + k) < 1). w, t [B].
+    """
+    k = cfg_decay(t, decay_time) * (w - 1)
+    k = expand_like((k / (1 + k)).to(v.dtype), v)
+    return v + k * (F_guided - v_uncond)
 
 
 def scm_loss(f_t: Tensor, f_l: Tensor, t: Tensor, l: Tensor, s: Tensor, p: float, eps: float) -> Tensor:
@@ -428,15 +449,26 @@ class SolutionFlow(Objective):
         # stage 1 (no grad): v_u for guided FM/SCM samples, F_sg(x_t, t, t, c) for SCM, first MVA leg
         uncond_path = "weak" if self.pdg else "full"
         mix = o.velocity_mix
+        self_target = o.guidance_target == "self"
         stage1 = [
             at(guided, x_t, t, t, null_cond, torch.zeros_like(t), path=uncond_path),
-            at(scm if mix < 1 else scm[:0], x_t, t, t, cond, g),
+            at(scm if mix < 1 or self_target else scm[:0], x_t, t, t, cond, g),
             at(mva, x_t, t, l, cond, g, weights=o.mva_target),
         ]
         F_u, F_c, F_mva1 = run_passes(net, stage1, grad=False)
 
         v_g = v.clone()
-        v_g[guided] = guided_velocity(v[guided], F_u, g[guided], t[guided], o.cfg_decay_time)
+        if self_target:  # v_g of the SCM samples now (F_c is their F_sg); of the FM samples after their pass
+            v_u = torch.zeros_like(v)
+            v_u[guided] = F_u
+            F_sg = torch.zeros_like(v)
+            F_sg[scm] = F_c
+            scm_g = scm[~null[scm]]
+            v_g[scm_g] = self_guided_velocity(
+                v[scm_g], F_sg[scm_g], v_u[scm_g], g[scm_g], t[scm_g], o.cfg_decay_time
+            )
+        else:
+            v_g[guided] = guided_velocity(v[guided], F_u, g[guided], t[guided], o.cfg_decay_time)
         v_mix = v_g[scm] if mix >= 1 else mix * v_g[scm] + (1 - mix) * F_c
         x_l = x_t[scm] + expand_like(l[scm] - t[scm], x_t) * v_mix
         x_mid = solution_map(x_t[mva], t[mva], l[mva], F_mva1)
@@ -459,6 +491,12 @@ class SolutionFlow(Objective):
         ]
         F_fm, F_scm, F_mva, F_weak = run_passes(net, grads, grad=True)
 
+        if self_target:
+            F_sg[full_fm] = F_fm.detach()
+            fm_g = full_fm[~null[full_fm]]
+            v_g[fm_g] = self_guided_velocity(
+                v[fm_g], F_sg[fm_g], v_u[fm_g], g[fm_g], t[fm_g], o.cfg_decay_time
+            )
         target_fm = v_g[full_fm]
         if o.mix_fm_target and mix < 1:  # SoFlow: mix the guided target with the pass's own detached F
             mixed = mix * target_fm + (1 - mix) * F_fm.detach()
@@ -516,7 +554,11 @@ class SolutionFlow(Objective):
             v_g = v  # the CFG-folded velocity (Eq. 9/11); the plain v for a null condition
             if not null and group[i] in ("fm", "scm"):
                 v_u = F(x_t, t, t, c.null(), 0.0, uncond_path)
-                v_g = v + float(cfg_decay(torch.tensor([t]), o.cfg_decay_time)) * (w - 1) * (v - v_u)
+                k = float(cfg_decay(torch.tensor([t]), o.cfg_decay_time)) * (w - 1)
+                if o.guidance_target == "self":  # from the detached guided prediction at the same point
+                    v_g = v + k / (1 + k) * (F(x_t, t, t, c, w) - v_u)
+                else:
+                    v_g = v + k * (v - v_u)
             if group[i] == "fm":
                 if d.dropped[i]:  # unconditional FM: on the weak path for pdg-sfm (Algorithm 1, l. 7-8)
                     err = per_sample_mse(F(x_t, t, t, c, 0.0, uncond_path), v)
@@ -586,5 +628,6 @@ __all__ = [
     "mva_loss",
     "plan_groups",
     "scm_loss",
+    "self_guided_velocity",
     "straight_path",
 ]
