@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sequence_counting import count_sequence_all_to_alls
 from test_train import tiny_config
 from typer.testing import CliRunner
 
@@ -107,17 +108,9 @@ def sp_worker(run_dir: Path, out: Path) -> None:
     """One rank: `eflow sample RUN --sp 2` (the CLI's entry point), counting the model's
     sequence-to-heads all-to-alls; --out is out/rank{RANK}."""
     from eflow.cli.app import main
-    from eflow.parallel import sequence
 
     rank = os.environ["RANK"]
-    calls = []
-    to_heads = sequence.sequence_to_heads
-
-    def counted(qkv, shard):
-        calls.append(qkv.shape)
-        return to_heads(qkv, shard)
-
-    sequence.sequence_to_heads = counted
+    calls = count_sequence_all_to_alls()
     sys.argv = ["eflow", "sample", str(run_dir), "--sp", "2", *SAMPLE, "--out", str(out / f"rank{rank}")]
     try:
         main()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sequence_counting import count_sequence_all_to_alls
 from test_train import losses, tiny_config
 
 from eflow.parallel.config import ParallelSection
@@ -53,16 +54,8 @@ def test_sp_2_under_torchrun_trains_like_one_process(tmp_path):
 
 def sp_worker(out: Path) -> None:
     """One rank: train with sp = 2, counting the sequence-to-heads all-to-alls the model makes."""
-    from eflow.parallel import sequence
 
-    calls = []
-    to_heads = sequence.sequence_to_heads
-
-    def counted(qkv, shard):
-        calls.append(qkv.shape)
-        return to_heads(qkv, shard)
-
-    sequence.sequence_to_heads = counted
+    calls = count_sequence_all_to_alls()
     Trainer(config(out, sp=2), progress=False).run()
     (out / f"all_to_alls_{os.environ['RANK']}.txt").write_text(str(len(calls)))
 
