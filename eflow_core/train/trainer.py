@@ -268,7 +268,7 @@ class Trainer:
         cfg, parts = self.cfg, self.parts
         shapes = set(cfg.schedule.shapes(cfg.data))
         keep = 1.0 - min(stage.drop_ratio for stage in cfg.schedule.stages)
-        local_batch = -(-cfg.train.batch_size // data_parallel_world(self.world, cfg.parallel.sp).size)
+        local_batch = -(-cfg.train.batch_size // self.dp.size)
         needs = [
             training_need(
                 parts.model,
