@@ -5,9 +5,7 @@
 # to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EFLOW_PLUGINS=
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+source scripts/gpu_setup.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 if [ -z "${SKIP_TESTS:-}" ]; then

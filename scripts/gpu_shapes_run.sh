@@ -3,9 +3,7 @@
 # time-boxed; then 4-step and 1-step samples. Writes PNGs and metrics to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EFLOW_PLUGINS=
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+source scripts/gpu_setup.sh || exit 1
 EFLOW="python3 -m eflow.cli.app"
 timeout ${BUDGET_S:-470} $EFLOW train --preset B --size 16 --frames 8 --batch-size 32 --lr 3e-4 \
   --steps ${STEPS:-2200} --out /tmp/gB --set train.save_every=200 2>&1 | tr '\r' '\n' | grep -E "done|error" 

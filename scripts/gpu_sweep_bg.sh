@@ -7,9 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SW=/tmp/sweep
 if [ "${1:-start}" = start ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EFLOW_PLUGINS=
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null || exit 1
+  source scripts/gpu_setup.sh || exit 1
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   GPUS=$(nvidia-smi -L | wc -l)
   mkdir -p $SW

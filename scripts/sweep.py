@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated run names")
     ap.add_argument("--gpus", type=int, default=0, help="spread runs over this many GPUs (0: leave as is)")
     ap.add_argument(
+        "--devices", default="", help="spread runs over these CUDA device ids instead, e.g. '1' or '0,1'"
+    )
+    ap.add_argument(
         "--plot-only", action="store_true", help="only redraw OUT/results.png from OUT/results.json"
     )
     args = ap.parse_args()
@@ -165,10 +168,13 @@ def main() -> None:
             if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT) != 0:
                 sys.exit(f"prepare step failed: {shlex.join(cmd)} (see {log.name})")
     order = list(runs)
+    devices = [int(d) for d in args.devices.split(",")] if args.devices else list(range(args.gpus))
     done: dict[str, list[dict]] = {}
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {
-            pool.submit(run_one, n, s, common, args.out, log_dir, i % args.gpus if args.gpus else None): n
+            pool.submit(
+                run_one, n, s, common, args.out, log_dir, devices[i % len(devices)] if devices else None
+            ): n
             for i, (n, s) in enumerate(runs.items())
         }
         for fut in as_completed(futures):
