@@ -100,7 +100,8 @@ def register(app: typer.Typer) -> None:
                 return  # a rank 1.. of an --sp group: rank 0 reports
             err_console.print(
                 f"[green]sampled[/] {result.num} videos with '{result.sampler}' ({result.steps} steps, "
-                f"w={result.guidance}) from {result.weights} weights at step {result.step}:"
+                f"w={result.guidance}) from {result.weights} weights at step {result.step} "
+                f"in {result.seconds:.1f} s:"
             )
             for kind, path in result.paths.items():
                 typer.echo(f"  {kind}: {path}")

@@ -15,6 +15,7 @@ each model call runs once, spread over the N ranks. Rank 0 alone decodes, writes
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ class SampleResult:
     step: int  # the optimizer step of the weights sampled from
     weights: str  # "ema" or "model"
     wrote: bool = True  # False on ranks 1.. of a sequence-parallel group: they decode and write nothing
+    seconds: float = (
+        0.0  # wall time of generating and decoding the videos (no loading, no writing of samples.*)
+    )
 
 
 def check_flags(run: LoadedRun, label: int | None, captions: list[str] | None) -> None:
@@ -137,6 +141,7 @@ def sample_run(
             return result
         try:
             with output_set(out_dir, set_names) as stage:
+                started = time.perf_counter()
                 # this module's `generate`, looked up per call, so a caller can watch the batches
                 for start, videos in pipe.batches(plan, generate=generate):
                     if each:
@@ -145,6 +150,7 @@ def sample_run(
                     grid.extend(videos[: MAX_GRID - len(grid)])
                     if on_batch is not None:
                         on_batch(len(videos), n)  # videos done in this batch, of n
+                result.seconds = time.perf_counter() - started  # the videos are on the host: synchronized
                 staged = write_samples(torch.stack(grid), stage, settings.fps)
                 if each:
                     staged["videos"] = stage / "videos"
