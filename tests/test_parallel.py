@@ -202,9 +202,25 @@ def run_config(out: Path, name: str):
     return cfg
 
 
-def divergent_calls_reduce_like_the_all_reduce(out: Path) -> None:
+def divergent_calls_reduce_like_the_all_reduce(out: Path, *, without_unused_params_flag: bool) -> None:
     """Gathered once per step, a sharded model whose ranks make different calls (rank 0 never runs the
-    middle stack, rank 1 runs it twice) ends the step with the all-reduced gradients of a plain copy."""
+    middle stack, rank 1 runs it twice) ends the step with the all-reduced gradients of a plain copy.
+    without_unused_params_flag: as on a torch whose FSDP2 lacks set_reduce_scatter_unused_params (2.11),
+    where ShardedStep gives the unused parameters zero gradients itself."""
+    from torch.distributed.fsdp import FSDPModule
+
+    flag = "set_reduce_scatter_unused_params"
+    hidden = FSDPModule.__dict__[flag] if without_unused_params_flag else None
+    if hidden is not None:
+        delattr(FSDPModule, flag)
+    try:
+        reduce_divergent_calls(out, without_unused_params_flag)
+    finally:
+        if hidden is not None:
+            setattr(FSDPModule, flag, hidden)
+
+
+def reduce_divergent_calls(out: Path, without_flag: bool) -> None:
     from eflow.parallel.fsdp import ShardedStep
     from eflow.train.distributed import average_gradients
 
@@ -216,6 +232,7 @@ def divergent_calls_reduce_like_the_all_reduce(out: Path) -> None:
     sharded = ShardedStep(
         parallelize(model, ParallelSection(fsdp=True), world, CPU), reshard_after_forward=False
     )
+    assert sharded.zero_unused == without_flag
 
     def loss(m):
         torch.manual_seed(10 + rank)
@@ -232,7 +249,7 @@ def divergent_calls_reduce_like_the_all_reduce(out: Path) -> None:
     average_gradients(reference, world)
     for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(param.grad.full_tensor(), expected.grad, rtol=1e-5, atol=1e-7, msg=name)
-    (out / f"divergent_{rank}.ok").write_text("ok")
+    (out / f"divergent_{'zeroed' if without_flag else 'flag'}_{rank}.ok").write_text("ok")
 
 
 def fsdp_worker(out: Path) -> None:
@@ -258,7 +275,8 @@ def fsdp_worker(out: Path) -> None:
 
     Trainer.train_step, Trainer._parallelize = counted_step, counted_setup
     Trainer(run_config(out, "dp"), progress=False).run()  # joins the process group
-    divergent_calls_reduce_like_the_all_reduce(out)
+    divergent_calls_reduce_like_the_all_reduce(out, without_unused_params_flag=False)
+    divergent_calls_reduce_like_the_all_reduce(out, without_unused_params_flag=True)
     for name in ("fsdp", "fm_dp", "fm_fsdp_per_block"):
         calls.clear()
         Trainer(run_config(out, name), progress=False).run()
@@ -299,7 +317,8 @@ def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
     and saves the weights of the hand-written all-reduce path, on the EFlow recipe, whose ranks make
     different model calls; its sharded checkpoint, read whole, holds the same weights and AdamW moments
     in the unsharded layout; a run aborted after its step-2 checkpoint resumes to the same losses; fm
-    with per-block gathering matches too; per-block gathering with pdg-sfm is refused; ranks that run the middle stack 0 and 2 times reduce like the all-reduce. (Against a 1-process run the losses differ: a step's draws depend on the
+    with per-block gathering matches too; per-block gathering with pdg-sfm is refused; ranks that run the middle stack 0 and 2 times reduce like the all-reduce,
+    with FSDP2's unused-parameter flag and without it (zero gradients, as on torch 2.11). (Against a 1-process run the losses differ: a step's draws depend on the
     rank, so the same global batch gets other noise and times.)"""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -332,7 +351,8 @@ def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
     assert losses(tmp_path / "fm_fsdp_per_block") == pytest.approx(losses(tmp_path / "fm_dp"), rel=1e-5)
     for r in range(2):
         assert "fsdp_reshard_after_forward = true" in (tmp_path / f"refused_{r}.txt").read_text()
-        assert (tmp_path / f"divergent_{r}.ok").is_file()
+        assert (tmp_path / f"divergent_flag_{r}.ok").is_file()
+        assert (tmp_path / f"divergent_zeroed_{r}.ok").is_file()
 
 
 def test_the_training_need_splits_activations_over_the_sequence_shards(tiny_model):

@@ -45,6 +45,25 @@ COMPILED = {"glga-compiled": ("glga", {}, {"compile": True}, False)}  # a slow t
 
 
 # ----- in one process --------------------------------------------------------------------------------
+def test_collective_outputs_hand_their_gradient_back_contiguous():
+    """A functional collective's backward runs the reverse collective on its output's gradient, and NCCL
+    refuses a non-contiguous one (gloo, which the other tests use, accepts it): the permutes after the
+    all-to-alls must not reach it. Control first: a plain permute hands back a non-contiguous gradient."""
+    from eflow.parallel.sequence import _ContiguousGrad
+
+    def gradient_reaching(wrap) -> torch.Tensor:
+        collective_output = torch.randn(2, 3, 4, requires_grad=True) * 1.0  # stands for wait_tensor(...)
+        seen = []
+        collective_output.register_hook(seen.append)
+        wrap(collective_output).permute(2, 0, 1).mul(torch.randn(4, 2, 3)).sum().backward()
+        return seen[0]
+
+    assert not gradient_reaching(lambda x: x).is_contiguous()
+    grad = gradient_reaching(_ContiguousGrad.apply)
+    assert grad.is_contiguous()
+    assert grad.shape == (2, 3, 4)
+
+
 def test_sp_is_off_by_default_and_parallelize_leaves_the_model_alone_with_sp_1():
     assert ParallelSection().sp == 1
     assert build_config({"parallel": {"sp": 2}}).parallel.sp == 2

@@ -51,17 +51,19 @@ def shard_model(
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if not reshard_after_forward:  # gather once per step (module docstring)
-        if not hasattr(model, "set_reduce_scatter_unused_params"):
-            raise EflowError(
-                f"torch {torch.__version__}: FSDP2 cannot reduce-scatter the gradients of a block a rank "
-                "left unused (set_reduce_scatter_unused_params), which gathering once per step needs; "
-                "update torch, or set parallel.fsdp = false"
-            )
         model.set_reshard_after_forward(False)
         model.set_reshard_after_backward(False)
         model.set_requires_gradient_sync(False)
-        model.set_reduce_scatter_unused_params(True)  # a block unused on this rank still takes part
+        if has_unused_params_flag(model):
+            model.set_reduce_scatter_unused_params(True)  # a block unused on this rank still takes part
         model._get_fsdp_state()._lazy_init()  # private: the root's shared streams, before `begin_step`
+
+
+def has_unused_params_flag(model: nn.Module) -> bool:
+    """Whether this torch's FSDP2 can reduce-scatter the parameters a rank left unused by itself
+    (set_reduce_scatter_unused_params: torch 2.13 has it, 2.11 not); without it ShardedStep gives them
+    zero gradients before reducing."""
+    return hasattr(model, "set_reduce_scatter_unused_params")
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -76,6 +78,7 @@ class ShardedStep:
             raise TypeError("ShardedStep needs a model sharded by shard_model")
         self.model = model
         self.once_per_step = not reshard_after_forward
+        self.zero_unused = self.once_per_step and not has_unused_params_flag(model)
         self.modules = [model, *model_blocks(model)]  # one fixed order on every rank
 
     def begin_step(self) -> None:
@@ -102,6 +105,8 @@ class ShardedStep:
                 "gradients once per step; set parallel.fsdp_reshard_after_forward = true (objective fm) "
                 "or parallel.fsdp = false"
             )
+        if self.zero_unused:
+            self.zero_unused_gradients()
         self.model.set_requires_gradient_sync(True)
         try:
             finish()
@@ -109,6 +114,15 @@ class ShardedStep:
             self.model.set_requires_gradient_sync(False)
         for module in self.modules:
             module.reshard()
+
+    def zero_unused_gradients(self) -> None:
+        """Give every gathered parameter this rank left unused in the step a zero gradient, so that its
+        block's reduce-scatter runs on every rank (what set_reduce_scatter_unused_params does where torch
+        has it). A parameter whose gradient FSDP already moved to its fp32 accumulator gets a zero too,
+        which FSDP adds to the accumulator before reducing."""
+        for param in self.model.parameters():
+            if param.requires_grad and param.grad is None and not isinstance(param, DTensor):
+                param.grad = torch.zeros_like(param)
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip the sharded gradients to a total norm of `max_norm`; returns the norm before clipping."""

@@ -211,6 +211,20 @@ class _GatherSequence(torch.autograd.Function):
         return mine * shard.group.size, None
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands the gradient on contiguous: the functional collectives' backward runs
+    the reverse collective on the gradient of their output, which NCCL refuses when it is not contiguous
+    (a permute after the collective makes it so; gloo accepts it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
 def split_sequence(x: Tensor, shard: SequenceShard) -> Tensor:
     """[B, M, D] (the same on every rank of the group) -> this rank's [B, m, D]."""
     return _SplitSequence.apply(x, shard)
@@ -229,7 +243,7 @@ def sequence_to_heads(qkv: Tensor, shard: SequenceShard) -> Tensor:
     heads = qkv.shape[3]
     send = qkv.unflatten(3, (g.size, heads // g.size)).permute(3, 0, 1, 2, 4, 5)  # [sp, 3, B, m, H/sp, d]
     got = funcol.all_to_all_single_autograd(send.contiguous(), None, None, g.group)  # [sp(from), ...]
-    got = funcol.wait_tensor(got)  # a plain tensor from here on (module docstring)
+    got = _ContiguousGrad.apply(funcol.wait_tensor(got))  # a plain tensor from here on (module docstring)
     got = got.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [3, B, sp m, H/sp, d]
     return got[:, :, : shard.total]
 
@@ -242,7 +256,7 @@ def heads_to_sequence(o: Tensor, shard: SequenceShard) -> Tensor:
     o = pad_tokens(o, g.size * shard.length).unflatten(1, (g.size, shard.length))  # [B, sp, m, H/sp, d]
     send = o.permute(1, 0, 2, 3, 4)  # [sp(to), B, m, H/sp, d]
     got = funcol.all_to_all_single_autograd(send.contiguous(), None, None, g.group)  # [sp(head group), ...]
-    got = funcol.wait_tensor(got)
+    got = _ContiguousGrad.apply(funcol.wait_tensor(got))
     return got.permute(1, 2, 0, 3, 4).flatten(2, 3)  # [B, m, H, d]
 
 
@@ -250,8 +264,8 @@ def heads_to_sequence(o: Tensor, shard: SequenceShard) -> Tensor:
 def gather_tokens(x: Tensor, shard: SequenceShard) -> Tensor:
     """All-gather [B, m, D] -> [B, M, D] inside a stack (each rank then uses it for its own heads, so
     the backward sums the ranks' gradients: a reduce-scatter)."""
-    whole = funcol.wait_tensor(
-        _all_gather(x.transpose(0, 1).contiguous(), 0, shard.group.group)
+    whole = _ContiguousGrad.apply(
+        funcol.wait_tensor(_all_gather(x.transpose(0, 1).contiguous(), 0, shard.group.group))
     )  # [sp m, B, D]
     return whole.transpose(0, 1)[:, : shard.total]
 
