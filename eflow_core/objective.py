@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
@@ -39,10 +40,24 @@ class StepInfo:
 
 @dataclass
 class LossOutput:
-    """A scalar loss to backpropagate plus named float metrics for logging."""
+    """A scalar loss to backpropagate plus named metrics for logging: floats, or 0-dim tensors left where
+    they were computed (no host sync inside the step; the trainer copies them all at once, `to_floats`)."""
 
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | Tensor] = field(default_factory=dict)
+
+
+def to_floats(values: dict[str, float | Tensor]) -> dict[str, float]:
+    """`values` as floats; the 0-dim tensors among them reach the host in one copy (one sync, not one
+    per value)."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+    floats = {k: float(v) for k, v in values.items() if k not in tensors}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        # float64: the values as exact as .item() gave them (fp64 runs included)
+        stacked = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in tensors.values()])
+        floats.update(zip(tensors, stacked.tolist(), strict=True))
+    return {k: floats[k] for k in values}
 
 
 class Objective(ABC):

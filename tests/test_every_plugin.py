@@ -1,6 +1,7 @@
 """Every registered plugin of every kind honours its contract (third-party ones too, once installed)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from eflow.condition import Condition
 from eflow.errors import EflowError
 from eflow.model.dit import build_model
 from eflow.network import DropPlan, Network
-from eflow.objective import ForwardCost, StepInfo
+from eflow.objective import ForwardCost, StepInfo, to_floats
 from eflow.registry import get_registry
 
 SHAPE = (4, 3, 2, 16, 16)  # [B, C, T, H, W]; tiny's 1x4x4 patch -> grid (2, 4, 4), 32 tokens
@@ -119,7 +120,10 @@ def test_objective_gives_a_finite_loss_that_backpropagates_and_declares_its_cost
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
-    assert all(isinstance(v, (int, float)) for v in out.metrics.values())
+    tensors = [v for v in out.metrics.values() if isinstance(v, torch.Tensor)]
+    assert all(isinstance(v, (int, float)) for v in out.metrics.values() if not isinstance(v, torch.Tensor))
+    assert all(v.numel() == 1 and not v.requires_grad for v in tensors)  # logged values, not graph nodes
+    assert all(math.isfinite(v) for v in to_floats(out.metrics).values())
     assert isinstance(objective.cost(), ForwardCost)
     assert sum(net.counts.values()) > 0
 

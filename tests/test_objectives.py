@@ -276,9 +276,9 @@ def test_solution_flow_loss_equals_hand_computed_fm_scm_and_mva_terms(data, pdg)
 
     expected = (loss0 + loss1 + loss2 + loss3) / 4
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12)
-    assert out.metrics["loss_fm"] == pytest.approx(((loss0 + loss1) / 2).item(), rel=1e-12)
-    assert out.metrics["loss_scm"] == pytest.approx(loss2.item(), rel=1e-12)
-    assert out.metrics["loss_mva"] == pytest.approx(loss3.item(), rel=1e-12)
+    assert float(out.metrics["loss_fm"]) == pytest.approx(((loss0 + loss1) / 2).item(), rel=1e-12)
+    assert float(out.metrics["loss_scm"]) == pytest.approx(loss2.item(), rel=1e-12)
+    assert float(out.metrics["loss_mva"]) == pytest.approx(loss3.item(), rel=1e-12)
     assert (out.metrics["n_fm"], out.metrics["n_scm"], out.metrics["n_mva"], out.metrics["w"]) == (2, 1, 1, w)
     # gradients flow only through the predictions (stop-gradient targets)
     (g_out,) = torch.autograd.grad(out.loss, k)

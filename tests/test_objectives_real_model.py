@@ -99,7 +99,9 @@ def test_solution_flow_terms_equal_per_sample_hand_computation_on_the_video_dit(
                 terms[i] = ("mva", mse(f(model, x_t, t, s, c, w), composed))
     for name in ("fm", "scm", "mva"):
         values = [v for kind, v in terms.values() if kind == name]
-        assert out.metrics[f"loss_{name}"] == pytest.approx(torch.stack(values).mean().item(), rel=1e-9)
+        assert float(out.metrics[f"loss_{name}"]) == pytest.approx(
+            torch.stack(values).mean().item(), rel=1e-9
+        )
     total = sum(v for _, v in terms.values()) / B
     assert out.loss.item() == pytest.approx(total.item(), rel=1e-9)
 

@@ -89,6 +89,45 @@ def test_an_abort_inside_a_step_saves_nothing_and_keeps_the_last_checkpoint(tmp_
     assert losses(tmp_path / "run") == expected
 
 
+def test_a_non_finite_loss_stops_the_run_before_the_weights_change(tmp_path, monkeypatch):
+    """The step's one host copy (loss, gradient norm, metrics) is checked before the optimizer step: a NaN
+    loss stops the run naming the step, and the weights stay finite."""
+    import torch
+
+    setup = Trainer._setup
+
+    def setup_with_nan_in_step_3(self):
+        setup(self)
+        original = self.objective.loss
+
+        def nan_in_step_3(net, batch, info):
+            out = original(net, batch, info)
+            if info.step == 3:
+                out.loss = out.loss * float("nan")
+            return out
+
+        self.objective.loss = nan_in_step_3
+
+    monkeypatch.setattr(Trainer, "_setup", setup_with_nan_in_step_3)
+    trainer = Trainer(tiny_config(tmp_path / "run"), progress=False)
+    with pytest.raises(EflowError, match="loss is nan at step 3; lower --lr or check the data"):
+        trainer.run()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert len(losses(tmp_path / "run")) == 3  # steps 0-2 logged
+
+
+def test_objective_metrics_reach_the_host_in_one_copy_as_exact_floats():
+    """to_floats: tensors (any dtype, 0-dim or 1-element) and plain numbers, in their order, fp64 exact."""
+    import torch
+
+    from eflow.objective import to_floats
+
+    values = {"a": torch.tensor(0.1, dtype=torch.float64), "n": 3, "b": torch.tensor([2]), "w": 2.5}
+    assert to_floats(values) == {"a": 0.1, "n": 3.0, "b": 2.0, "w": 2.5}
+    assert list(to_floats(values)) == ["a", "n", "b", "w"]
+    assert to_floats({}) == {}
+
+
 def test_existing_run_is_not_overwritten_without_a_flag(tmp_path):
     Trainer(tiny_config(tmp_path / "run", steps=1), progress=False).run()
     with pytest.raises(EflowError, match="already holds a run; pass --resume"):

@@ -52,7 +52,7 @@ from eflow.condition import Condition
 from eflow.config import RunConfig
 from eflow.errors import ConfigError
 from eflow.network import DropPlan, Network
-from eflow.objective import StepInfo
+from eflow.objective import StepInfo, to_floats
 from eflow.registry import get_registry
 from eflow.train.ema import EMA
 
@@ -219,7 +219,8 @@ def train_step(state: TrainState) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     clip = state.grad_clip if state.grad_clip > 0 else float("inf")
-    torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
+    to_floats({**out.metrics, "loss": out.loss, "grad_norm": grad_norm})  # the trainer's one host copy
     state.optimizer.step()
     state.ema.update(state.model)
     state.step += 1

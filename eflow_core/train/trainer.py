@@ -9,6 +9,7 @@ counted per reason (metrics "skipped/<reason>", kept in the checkpoint, summariz
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -36,7 +37,7 @@ from eflow.errors import EflowError
 from eflow.loaded_run import LoadedRun
 from eflow.memory_budget import check_fits, is_out_of_memory, out_of_memory_message, training_need
 from eflow.network import DropPlan, Network
-from eflow.objective import StepInfo
+from eflow.objective import StepInfo, to_floats
 from eflow.parallel.parallelize import parallelize
 from eflow.parallel.sequence import data_parallel_world, sequence_mesh
 from eflow.registry import get_registry
@@ -364,8 +365,6 @@ class Trainer:
         )
         with autocast:
             out = self.objective.loss(net, {"x0": x0, "cond": cond}, info)
-        if not torch.isfinite(out.loss):
-            raise EflowError(f"loss is {out.loss.item()} at step {step}; lower --lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         clip = cfg.train.grad_clip
@@ -377,19 +376,28 @@ class Trainer:
         else:  # FSDP reduce-scatters the gradients (averaged over ranks) into each rank's shard
             self.sharded.reduce_gradients()
             grad_norm = self.sharded.clip_grad_norm_(clip if clip > 0 else float("inf"))
+        # the step's one host sync: the loss, the gradient norm and the objective's metrics in one copy
+        host = to_floats({**out.metrics, "loss": out.loss, "grad_norm": grad_norm})
+        for name in (
+            "loss",
+            "grad_norm",
+        ):  # before the weights change; averaged gradients: every rank sees it
+            if not math.isfinite(host[name]):
+                what = "loss" if name == "loss" else "gradient norm"
+                raise EflowError(f"{what} is {host[name]} at step {step}; lower --lr or check the data")
         self.optimizer.step()
         self.ema.update(self.model)
         batch = x0.shape[0]
         record = {
-            "loss": all_mean(out.loss.item(), self.world, self.device),
-            "grad_norm": float(grad_norm),
+            "loss": all_mean(host["loss"], self.world, self.device),
+            "grad_norm": host["grad_norm"],
             "lr": self._lr(step),
             "drop_ratio": ratio,
             "stage": stage_index,
             "mva_share": self.objective.effective_mva_share(stage.mva_share),
         }
         # the objective's own "loss" is this rank's; the record keeps the mean over ranks
-        record.update({k: float(v) for k, v in out.metrics.items() if k != "loss"})
+        record.update({k: v for k, v in host.items() if k not in record})
         record.update({f"passes/{k}": v / batch for k, v in net.counts.items()})
         if self.device.type == "cuda":
             record["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -128,7 +128,7 @@ class FlowMatching(Objective):
         weighted = adaptive_weight(err, o.p, o.eps) * err if o.adaptive_weight else err
         loss = weighted.mean()
         return LossOutput(
-            loss, {"loss": loss.item(), "mse": err.mean().item(), "dropped": d.dropped.float().mean().item()}
+            loss, {"loss": loss.detach(), "mse": err.detach().mean(), "dropped": d.dropped.float().mean()}
         )
 
     def cost(self, mva_share: float = 0.0) -> ForwardCost:

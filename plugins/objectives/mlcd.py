@@ -214,11 +214,11 @@ class MLCD(Objective):
         return LossOutput(
             loss,
             {
-                "loss": loss.item(),
-                "mse": mse.mean().item(),
-                "w": w.mean().item(),
-                "t": t.mean().item(),
-                "at_boundary": reached.float().mean().item(),
+                "loss": loss.detach(),
+                "mse": mse.detach().mean(),
+                "w": w.detach().mean(),
+                "t": t.detach().mean(),
+                "at_boundary": reached.float().mean(),
             },
         )
 
@@ -276,7 +276,7 @@ class AttentionDistillation(Objective):
         if teacher is None:  # plain flow matching
             err = per_sample_mse(net(x_t, t, t, cond, zeros, path="full"), x1 - x0)
             loss = err.mean()
-            return LossOutput(loss, {"loss": loss.item(), "output_mse": err.mean().item()})
+            return LossOutput(loss, {"loss": loss.detach(), "output_mse": err.detach().mean()})
         with torch.no_grad(), AttentionRecorder(teacher) as taught:
             F_t = teacher(x_t, t, t, cond, zeros, path="full")
         net.counts["full_nograd"] += b  # the teacher's pass
@@ -290,7 +290,8 @@ class AttentionDistillation(Objective):
         out = per_sample_mse(F_s, F_t)
         loss = (o.attention_weight * attn + o.output_weight * out).mean()
         return LossOutput(
-            loss, {"loss": loss.item(), "attention_mse": attn.mean().item(), "output_mse": out.mean().item()}
+            loss,
+            {"loss": loss.detach(), "attention_mse": attn.detach().mean(), "output_mse": out.detach().mean()},
         )
 
     def cost(self, mva_share: float = 0.0) -> ForwardCost:

@@ -509,12 +509,12 @@ class SolutionFlow(Objective):
         loss_mva = mva_loss(solution_map(x_t[mva], t[mva], s[mva], F_mva), f_mva)
 
         loss = torch.cat([loss_fm, loss_scm, loss_mva]).sum() / B
-        metrics = {"loss": loss.item(), "w": d.w, "n_fm": len(d.fm), "n_scm": len(scm), "n_mva": len(mva)}
-        metrics["n_drop"] = int(d.dropped.sum())
-        metrics["mse_fm"] = err_fm.mean().item()  # unweighted: the adaptive weight keeps loss_fm near 1
+        metrics = {"loss": loss.detach(), "w": d.w, "n_fm": len(d.fm), "n_scm": len(scm), "n_mva": len(mva)}
+        metrics["n_drop"] = d.dropped.sum()
+        metrics["mse_fm"] = err_fm.detach().mean()  # unweighted: the adaptive weight keeps loss_fm near 1
         for name, part in (("loss_fm", loss_fm), ("loss_scm", loss_scm), ("loss_mva", loss_mva)):
             if len(part):
-                metrics[name] = part.mean().item()
+                metrics[name] = part.detach().mean()
         if info is not None:
             metrics["l_ratio"] = l_ratio(info.step, self.total_steps, o.r0, o.r1)
         return LossOutput(loss, metrics)
