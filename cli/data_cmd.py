@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -180,7 +181,7 @@ def _run_encode(job, max_shards: int | None) -> None:
         console=err_console,
         disable=not world.is_main,
     )
-    first = encoder.shards_done
+    first, items_before = encoder.shards_done, encoder.items_done
     if world.size == 1:  # the whole dataset, what earlier runs did included
         total, done, offset, shards = encoder.length, encoder.items_done, 0, encoder.num_shards
     else:  # rank 0's share
@@ -191,6 +192,7 @@ def _run_encode(job, max_shards: int | None) -> None:
         def advance() -> None:
             progress.update(task, advance=1, info=f"shard {encoder.shards_done - offset + 1}/{shards}")
 
+        started = time.perf_counter()
         try:
             index = encoder.run(
                 max_shards=max_shards, on_item=advance if world.is_main else None, on_skip=warn
@@ -205,11 +207,14 @@ def _run_encode(job, max_shards: int | None) -> None:
                 f"interrupted: {encoder.shards_done} of {encoder.num_shards} shards are complete in {out}; "
                 "run the same command again to continue"
             ) from None
+    seconds = time.perf_counter() - started  # rank 0: until every rank is done and the index merged
     counts = index["counts"]
     state = "done" if index["complete"] else "stopped early (run the same command again to continue)"
+    new = counts["encoded"] - items_before
     say(
         f"{state}: {counts['encoded']} items encoded, {counts['skipped']} skipped, "
-        f"{len(index['shards'])} of {encoder.num_shards} shards in {out} (see {out / INDEX})"
+        f"{len(index['shards'])} of {encoder.num_shards} shards in {out} (see {out / INDEX}); "
+        f"this call encoded {new} in {seconds:.1f} s ({new / max(seconds, 1e-9):.2f} items/s, start-up not counted)"
     )
     if index["complete"]:
         say(f"train on them: {job.train_command()}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent 2-GPU machine (device tool, nvidia-h200-x2): the two-GPU numbers of docs/scaling.md and
-# docs/data.md, each part a comparison of one GPU against two in the same call:
+# docs/data-latents.md, each part a comparison of one GPU against two in the same call:
 #   sp      Ulysses SP smoke test of the NCCL path: train the EFlow recipe (B, 20 steps) with --sp 2 under
 #           torchrun, then sample it with --sp 2
 #   sp_xl   4-step sampling of an XL run (one training step) at 30 x 52 x 80 = 124,800 tokens with one
@@ -8,10 +8,13 @@
 #   fsdp    FM + softmax at XL, 8 x 16 x 32 tokens, global batch 8: one GPU against FSDP2 on two
 #           (batch 4 each): median it/s after the warm-up steps, peak memory, the losses side by side;
 #           FSDP_FLAGS adds flags to the 2-GPU run (e.g. "--set parallel.fsdp_reshard_after_forward=true")
+#   fsdp_sfm  the EFlow recipe under FSDP gathered once per step (ranks make different model calls; on
+#           torch 2.11 the unused-parameter zero gradients of eflow.parallel.fsdp): that it runs, and its
+#           losses against one GPU's (within noise: the draws depend on the rank)
 #   encode  `eflow data encode` with a random-weight Wan 2.1 VAE (the real architecture, no weights
 #           needed for timing) on 256 shapes clips of 33 x 256 x 256: one process against torchrun on
 #           two; the shards must be byte-identical
-# PARTS="sp sp_xl fsdp encode" (default all). Results in $OUT/multi/ (summary.txt and the logs).
+# PARTS="sp sp_xl fsdp fsdp_sfm encode" (default all). Results in $OUT/multi/ (summary.txt and the logs).
 set -uo pipefail
 source scripts/gpu_setup.sh || exit 1
 DEST="$OUT/multi"; mkdir -p "$DEST"; SUM="$DEST/summary.txt"
@@ -21,7 +24,7 @@ now() { date +%s.%N; }
 took() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$SUM"
 
-for part in ${PARTS:-sp sp_xl fsdp encode}; do
+for part in ${PARTS:-sp sp_xl fsdp fsdp_sfm encode}; do
 case $part in
 sp)
   echo "== sp: EFlow recipe, B, --sp 2, 20 steps (NCCL)" | tee -a "$SUM"
@@ -36,6 +39,7 @@ sp_xl)
   $EFLOW train --preset XL --frames 30 --size 104x160 --batch-size 1 --steps 1 --objective fm \
     --attn softmax --token-drop none --ac full --out /tmp/sp_xl --overwrite \
     --set train.preview_every=0 > "$DEST/sp_xl_train.log" 2>&1 || { tail -5 "$DEST/sp_xl_train.log"; }
+  echo "$(date +%T) trained and saved the XL run (the first attempt ran out of its call here)" | tee -a "$SUM"
   for n in 1 2; do  # the sample command reports its generation time ("in X s"); wall time includes loading
     if [ $n = 1 ]; then run="$EFLOW sample /tmp/sp_xl"; else run="$TORCHRUN sample /tmp/sp_xl --sp 2"; fi
     t0=$(now); $run --steps 4 -n 1 --out /tmp/sp_xl/s$n > "$DEST/sp_xl_s$n.log" 2>&1; r=$?; t1=$(now)
@@ -65,6 +69,18 @@ print(f"speed-up 2 GPUs / 1 GPU: {speed['fsdp2'] / speed['fsdp1']:.2f}x")
 print("losses:", [(round(a["loss"], 4), round(b["loss"], 4)) for a, b in zip(runs["fsdp1"], runs["fsdp2"])])
 EOF
   ;;
+fsdp_sfm)
+  echo "== fsdp_sfm: the EFlow recipe (pdg-sfm + MVA, GLGA, SPRINT) at B under FSDP gathered once per step" | tee -a "$SUM"
+  FLAGS="--preset B --size 32 --frames 8 --batch-size 16 --steps 30 --set train.preview_every=0 --set train.save_every=0"
+  $EFLOW train $FLAGS --out /tmp/sfm1 --overwrite > "$DEST/fsdp_sfm1.log" 2>&1; echo "1 GPU rc $?" | tee -a "$SUM"
+  $TORCHRUN train $FLAGS --fsdp --out /tmp/sfm2 --overwrite > "$DEST/fsdp_sfm2.log" 2>&1; echo "2 GPUs rc $?" | tee -a "$SUM"
+  python3 - <<'EOF' 2>&1 | tee -a "$SUM"
+import json
+runs = {n: [json.loads(l) for l in open(f"/tmp/{n}/metrics.jsonl")] for n in ("sfm1", "sfm2")}
+for n, rs in runs.items():
+    print(f"{n}: {len(rs)} steps, last loss {rs[-1]['loss']:.4f}, mean of the last 10 {sum(r['loss'] for r in rs[-10:]) / 10:.4f}")
+EOF
+  ;;
 encode)
   echo "== encode: random-weight Wan 2.1 VAE, 256 shapes clips of 33 x 256 x 256, shards of 16" | tee -a "$SUM"
   python3 - <<'EOF'
@@ -75,9 +91,9 @@ EOF
   ENC="data encode --data shapes --frames 33 --size 256 --limit 256 --shard-size 16 --batch-size 8
     --autoencoder wan --vae-path /tmp/wan_random"
   t0=$(now); $EFLOW $ENC --out /tmp/enc1 > "$DEST/encode1.log" 2>&1; r=$?; t1=$(now)
-  echo "1 GPU: rc $r $(took "$t0" "$t1") s" | tee -a "$SUM"
+  echo "1 GPU: rc $r, wall $(took "$t0" "$t1") s, $(grep -o 'encoded [0-9]* in [0-9.]* s' "$DEST/encode1.log")" | tee -a "$SUM"
   t0=$(now); $TORCHRUN $ENC --out /tmp/enc2 > "$DEST/encode2.log" 2>&1; r=$?; t1=$(now)
-  echo "2 GPUs: rc $r $(took "$t0" "$t1") s" | tee -a "$SUM"
+  echo "2 GPUs: rc $r, wall $(took "$t0" "$t1") s, $(grep -o 'encoded [0-9]* in [0-9.]* s' "$DEST/encode2.log")" | tee -a "$SUM"
   same=$(cd /tmp/enc1 && for f in index.json shard-*.safetensors; do cmp -s "$f" "/tmp/enc2/$f" || echo "$f"; done)
   echo "files that differ: ${same:-none} ($(ls /tmp/enc1 | wc -l) files)" | tee -a "$SUM"
   ;;
