@@ -52,7 +52,15 @@ from eflow.model.rope import apply_rope
 from eflow.model.self_attention import HeadRows, RMSNorm, SelfAttention
 from eflow.model.tokens import TokenContext
 from eflow.network import expand_like, solution_map
-from eflow.objective import ForwardCost, LossOutput, Objective, StepInfo, validated_options
+from eflow.objective import (
+    ForwardCost,
+    LossOutput,
+    Objective,
+    StepInfo,
+    batch_share,
+    rows_in,
+    validated_options,
+)
 from eflow.registry import format_validation_error, get_registry, hookimpl
 from eflow.sampler import (
     GridSampler,
@@ -73,6 +81,7 @@ from eflow.timesteps import (
     logit_normal,
     mva_grid,
     rand,
+    randn,
     randn_like,
     sample_mva_triplets,
     sample_scm_times,
@@ -204,6 +213,7 @@ __all__ = [
     "TokenDrop",
     "adaptive_weight",
     "apply_rope",
+    "batch_share",
     "block_sparse",
     "classifier_path",
     "conforms",
@@ -228,10 +238,12 @@ __all__ = [
     "pad_tokens",
     "per_sample_mse",
     "rand",
+    "randn",
     "randn_like",
     "read_utf8",
     "require_transformers",
     "resolve_dataset_options",
+    "rows_in",
     "sample_mva_triplets",
     "sample_scm_times",
     "sampling_schedule",

@@ -36,6 +36,26 @@ class StepInfo:
     total_steps: int  # planned run length
     mva_share: float = 0.0  # fraction of the batch for MVA in the current stage (SFM family only)
     stage: int = 0  # index of the current stage of the schedule
+    batch_start: int = 0  # this rank's first row in the step's global batch
+    global_batch: int | None = None  # rows of the step's global batch (None: this rank's batch is all of it)
+
+    def share(self, rows: int) -> tuple[int, slice]:
+        """(N, mine) for a local batch of `rows`: draw a sample's randomness for all N rows of the global
+        batch (the trainer seeds torch's RNG alike on every rank) and keep `mine`. The draws of a sample
+        then do not depend on the number of ranks; with one rank N = rows and mine is everything."""
+        total = rows if self.global_batch is None else self.global_batch
+        return total, slice(self.batch_start, self.batch_start + rows)
+
+
+def batch_share(info: StepInfo | None, rows: int) -> tuple[int, slice]:
+    """StepInfo.share, or (rows, everything) without a StepInfo (a direct call of an objective's draw)."""
+    return (rows, slice(0, rows)) if info is None else info.share(rows)
+
+
+def rows_in(indices: Tensor, mine: slice) -> Tensor:
+    """The global row indices that fall in `mine`, as local ones, in their order."""
+    inside = (indices >= mine.start) & (indices < mine.stop)
+    return indices[inside] - mine.start
 
 
 @dataclass

@@ -317,9 +317,10 @@ def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
     and saves the weights of the hand-written all-reduce path, on the EFlow recipe, whose ranks make
     different model calls; its sharded checkpoint, read whole, holds the same weights and AdamW moments
     in the unsharded layout; a run aborted after its step-2 checkpoint resumes to the same losses; fm
-    with per-block gathering matches too; per-block gathering with pdg-sfm is refused; ranks that run the middle stack 0 and 2 times reduce like the all-reduce,
-    with FSDP2's unused-parameter flag and without it (zero gradients, as on torch 2.11). (Against a 1-process run the losses differ: a step's draws depend on the
-    rank, so the same global batch gets other noise and times.)"""
+    with per-block gathering matches too; per-block gathering with pdg-sfm is refused; ranks that run the
+    middle stack 0 and 2 times reduce like the all-reduce, with FSDP2's unused-parameter flag and without
+    it (zero gradients, as on torch 2.11). (Against a 1-process run the losses differ: the recipe drops
+    tokens, and the token-drop plan is drawn per rank.)"""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         __file__, str(tmp_path),

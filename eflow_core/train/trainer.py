@@ -65,7 +65,8 @@ MEMORY_HINT = "--batch-size, --frames or --size"
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one rank's step: every random draw in a step derives from it (exact resume)."""
+    """The seed of step `step` on `rank` (rank 0: the objectives' draws on every rank; the rank's own:
+    its token-drop plan): every random draw in a step derives from one (exact resume)."""
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
 
 
@@ -341,18 +342,29 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        seed = step_seed(cfg.train.seed, self.dp.rank, step)
-        torch.manual_seed(seed)
+        # torch's RNG: seeded alike on every rank, and the objectives draw for the global batch and keep
+        # their rows (StepInfo.share), so a sample's noise, times and groups do not depend on the number
+        # of GPUs. The token-drop plan draws per model call and stays per rank (docs/scaling.md).
+        torch.manual_seed(step_seed(cfg.train.seed, 0, step))
         raw = self._next_batch(step)
         x0 = self._x0(raw)
         cond = self.parts.conditioner(raw, self.device)
         stage_index, stage = cfg.schedule.stage_at(step, cfg.train.steps)
         ratio = self.token_drop.effective_ratio(cfg.schedule.drop_ratio_at(step, cfg.train.steps))
+        drop_seed = step_seed(cfg.train.seed, self.dp.rank, step) + 1
         drop = (
-            DropPlan(self.token_drop, ratio, torch.Generator().manual_seed(seed + 1)) if ratio > 0 else None
+            DropPlan(self.token_drop, ratio, torch.Generator().manual_seed(drop_seed)) if ratio > 0 else None
         )
         net = Network(self.model, self.ema.model, drop)
-        info = StepInfo(step=step, total_steps=cfg.train.steps, mva_share=stage.mva_share, stage=stage_index)
+        rows = x0.shape[0]
+        info = StepInfo(
+            step=step,
+            total_steps=cfg.train.steps,
+            mva_share=stage.mva_share,
+            stage=stage_index,
+            batch_start=self.dp.rank * rows,
+            global_batch=self.dp.size * rows,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
         self.model.train()
@@ -410,8 +422,9 @@ class Trainer:
         """Commit the checkpoint of `step` (the number of optimizer steps applied): under FSDP sharded,
         every rank writing its shards (checkpoint.save_sharded_checkpoint); else rank 0 writes it whole.
 
-        No random state is saved: every draw of step k on rank r derives from (seed, k, r), and the data
-        of step k from (seed, k), so the step number is the whole position of the run."""
+        No random state is saved: the objectives' draws of step k derive from (seed, k), the token-drop
+        plan's on rank r from (seed, k, r), and the data of step k from (seed, k), so the step number is
+        the whole position of the run."""
         try:
             if self.sharded is not None:
                 checkpoint.save_sharded_checkpoint(

@@ -22,12 +22,13 @@ from eflow.api import (
     Objective,
     StepInfo,
     adaptive_weight,
+    batch_share,
     expand_like,
     hookimpl,
     logit_normal,
     per_sample_mse,
     rand,
-    randn_like,
+    randn,
     validated_options,
 )
 
@@ -105,15 +106,21 @@ class FlowMatching(Objective):
         self.options: FMOptions = validated_options(FMOptions, options, "fm")
         self.total_steps = total_steps
 
-    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> FMDraws:
-        """Noise, logit-normal shifted times and label-dropout draws for a batch x0 [B, ...]."""
-        o, b = self.options, x0.shape[0]
-        t = logit_normal(b, o.mu_t, o.sigma_t, o.shift_t, generator, x0.device)
-        return FMDraws(randn_like(x0, generator), t, rand(b, generator, x0.device) < o.label_dropout)
+    def draw(
+        self, x0: Tensor, generator: torch.Generator | None = None, info: StepInfo | None = None
+    ) -> FMDraws:
+        """Noise, logit-normal shifted times and label-dropout draws for a batch x0 [B, ...]: drawn for the
+        step's global batch, this rank's rows kept (StepInfo.share)."""
+        o, (n, mine) = self.options, batch_share(info, x0.shape[0])
+        t = logit_normal(n, o.mu_t, o.sigma_t, o.shift_t, generator, x0.device)
+        x1 = randn((n, *x0.shape[1:]), generator, x0.device).to(x0.dtype)
+        dropped = rand(n, generator, x0.device) < o.label_dropout
+        return FMDraws(x1[mine], t[mine], dropped[mine])
 
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
         """batch = {"x0": [B, C, T, H, W], "cond": Condition, optional "generator"}."""
-        return self.loss_from(net, batch["x0"], batch["cond"], self.draw(batch["x0"], batch.get("generator")))
+        draws = self.draw(batch["x0"], batch.get("generator"), info)
+        return self.loss_from(net, batch["x0"], batch["cond"], draws)
 
     def loss_from(self, net, x0: Tensor, cond: Condition, d: FMDraws) -> LossOutput:
         """The FM loss for explicit draws: mean over the batch of w_i || F_i - v_i ||^2 (w_i = 1 unless adaptive)."""

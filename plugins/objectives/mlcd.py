@@ -47,6 +47,7 @@ from eflow.api import (
     Objective,
     StepInfo,
     Teacher,
+    batch_share,
     expand_like,
     guided_velocity,
     hookimpl,
@@ -54,7 +55,7 @@ from eflow.api import (
     logit_normal,
     per_sample_mse,
     rand,
-    randn_like,
+    randn,
     shift_time,
     validated_options,
 )
@@ -175,15 +176,21 @@ class MLCD(Objective):
         k = torch.arange(self.options.segments + 1, dtype=torch.float64)
         return shift_time(k / self.options.segments, self.options.shift)
 
-    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> MLCDDraws:
-        o, b = self.options, x0.shape[0]
-        j = (rand(b, generator, x0.device) * o.teacher_steps).long().clamp(max=o.teacher_steps - 1) + 1
-        w = o.w_min + (o.w_max - o.w_min) * rand(b, generator, x0.device)
-        return MLCDDraws(randn_like(x0, generator), j, w)
+    def draw(
+        self, x0: Tensor, generator: torch.Generator | None = None, info: StepInfo | None = None
+    ) -> MLCDDraws:
+        """Teacher step, guidance scale and noise per sample: drawn for the step's global batch, this rank's
+        rows kept (StepInfo.share)."""
+        o, (n, mine) = self.options, batch_share(info, x0.shape[0])
+        j = (rand(n, generator, x0.device) * o.teacher_steps).long().clamp(max=o.teacher_steps - 1) + 1
+        w = o.w_min + (o.w_max - o.w_min) * rand(n, generator, x0.device)
+        x1 = randn((n, *x0.shape[1:]), generator, x0.device).to(x0.dtype)
+        return MLCDDraws(x1[mine], j[mine], w[mine])
 
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
         """batch = {"x0": [B, C, T, H, W], "cond": Condition, optional "generator"}."""
-        return self.loss_from(net, batch["x0"], batch["cond"], self.draw(batch["x0"], batch.get("generator")))
+        draws = self.draw(batch["x0"], batch.get("generator"), info)
+        return self.loss_from(net, batch["x0"], batch["cond"], draws)
 
     def loss_from(self, net, x0: Tensor, cond: Condition, d: MLCDDraws) -> LossOutput:
         """The MLCD loss for explicit draws (the equations of the module docstring)."""
@@ -265,9 +272,10 @@ class AttentionDistillation(Objective):
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
         o, x0, cond, generator = self.options, batch["x0"], batch["cond"], batch.get("generator")
         b = x0.shape[0]
-        t = logit_normal(b, o.mu_t, o.sigma_t, o.shift_t, generator, x0.device)
-        x1 = randn_like(x0, generator)
-        cond = cond.drop(rand(b, generator, x0.device) < o.label_dropout)
+        n, mine = info.share(b)  # the step's global batch drawn, this rank's rows kept
+        t = logit_normal(n, o.mu_t, o.sigma_t, o.shift_t, generator, x0.device)[mine]
+        x1 = randn((n, *x0.shape[1:]), generator, x0.device).to(x0.dtype)[mine]
+        cond = cond.drop((rand(n, generator, x0.device) < o.label_dropout)[mine])
         t = t.to(torch.promote_types(x0.dtype, torch.float32))
         tx = expand_like(t, x0).to(x0.dtype)
         x_t = (1 - tx) * x0 + tx * x1

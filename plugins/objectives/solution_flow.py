@@ -65,7 +65,8 @@ from eflow.api import (
     mva_grid,
     per_sample_mse,
     rand,
-    randn_like,
+    randn,
+    rows_in,
     sample_mva_triplets,
     sample_scm_times,
     solution_map,
@@ -392,12 +393,14 @@ class SolutionFlow(Objective):
         return self.shares(mva_share)[2]
 
     def draw(self, x0: Tensor, info: StepInfo, generator: torch.Generator | None = None) -> SFMDraws:
-        """Groups, noise, times, guidance scale and drop draws for a batch x0 [B, ...]."""
-        o, B, dev = self.options, x0.shape[0], x0.device
+        """Groups, noise, times, guidance scale and drop draws for a batch x0 [B, ...]: drawn for the step's
+        global batch of N rows (the groups split those N), this rank's rows kept (StepInfo.share)."""
+        o, dev = self.options, x0.device
+        B, mine = info.share(x0.shape[0])
         n_fm, n_scm, _ = group_sizes(B, self.shares(info.mva_share, info.step))
         perm = rand(B, generator, dev).argsort()
         fm, scm, mva = perm[:n_fm], perm[n_fm : n_fm + n_scm], perm[n_fm + n_scm :]
-        x1 = randn_like(x0, generator)
+        x1 = randn((B, *x0.shape[1:]), generator, dev).to(x0.dtype)
         # every time sampler draws for the whole batch so RNG use does not depend on the split
         t = logit_normal(B, o.mu_t, o.sigma_t, o.shift_t, generator, dev)
         t_scm, s_scm = sample_scm_times(
@@ -412,7 +415,8 @@ class SolutionFlow(Objective):
         in_fm = torch.zeros(B, dtype=torch.bool, device=dev)
         in_fm[fm] = True
         dropped = (rand(B, generator, dev) < self.drop_prob) & in_fm
-        return SFMDraws(x1, fm, scm, mva, t, l, s, w, dropped)
+        fm, scm, mva = (rows_in(group, mine) for group in (fm, scm, mva))
+        return SFMDraws(x1[mine], fm, scm, mva, t[mine], l[mine], s[mine], w, dropped[mine])
 
     # -- the loss ------------------------------------------------------------------------------------
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
