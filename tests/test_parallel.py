@@ -42,6 +42,41 @@ def test_a_config_without_a_parallel_section_loads_with_everything_off():
     assert (cfg.parallel.ac, cfg.parallel.compile, cfg.parallel.fsdp) == ("off", False, False)
 
 
+def test_the_collective_timeout_comes_from_the_parallel_section(tmp_path, monkeypatch):
+    """parallel.timeout_minutes reaches init_process_group: rank 0 previews and validates while the other
+    ranks wait in a collective, longer than torch's 10-minute default may allow."""
+    from datetime import timedelta
+
+    from eflow.train import distributed
+    from eflow.train import trainer as trainer_mod
+
+    seen: dict = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    world = distributed.init_world(CPU, timedelta(minutes=90))
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=90)}
+    assert (world.rank, world.size, world.local_rank) == (1, 2, 1)
+
+    class Joined(Exception):
+        pass
+
+    def record(device, timeout):
+        seen["trainer"] = timeout
+        raise Joined
+
+    monkeypatch.setattr(trainer_mod, "init_world", record)
+    cfg = tiny_config(tmp_path / "run", steps=1, threads=1)
+    cfg.parallel = ParallelSection(timeout_minutes=25)
+    with pytest.raises(Joined):
+        Trainer(cfg, progress=False).run()
+    assert seen["trainer"] == timedelta(minutes=25)
+    assert ParallelSection().timeout_minutes == 60
+
+
 def test_parallel_options_come_from_layers_and_a_misspelt_one_is_named():
     cfg = build_config({"parallel": {"ac": "selective", "ac_every": 3, "fsdp": True}})
     assert (cfg.parallel.ac, cfg.parallel.ac_every, cfg.parallel.fsdp) == ("selective", 3, True)

@@ -46,6 +46,13 @@ class ParallelSection(BaseModel):
         "self-attention, 1/sp of the heads (two all-to-alls); sp must divide the processes and the "
         "heads; 1 = off",
     )
+    timeout_minutes: float = Field(
+        60.0,
+        gt=0,
+        description="under torchrun: how long a rank waits in a collective before the job fails; rank 0 "
+        "writes previews, validates and saves while the other ranks wait in their next collective, so "
+        "this must exceed the longest of those (torch's own default is 10 minutes)",
+    )
 
     @property
     def checkpoint_every(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -29,13 +30,14 @@ class World:
         return self.rank == 0
 
 
-def init_world(device: torch.device) -> World:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a single process needs none."""
+def init_world(device: torch.device, timeout: timedelta | None = None) -> World:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a single process needs none.
+    timeout: how long a collective may wait for the slowest rank (None: torch's default)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

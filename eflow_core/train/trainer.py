@@ -15,6 +15,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -155,7 +156,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.world: World = init_world(self.device)
+        self.world: World = init_world(self.device, timedelta(minutes=cfg.parallel.timeout_minutes))
         if self.world.size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.world.local_rank)
             torch.cuda.set_device(self.device)
