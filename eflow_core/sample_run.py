@@ -62,9 +62,8 @@ class SampleResult:
     step: int  # the optimizer step of the weights sampled from
     weights: str  # "ema" or "model"
     wrote: bool = True  # False on ranks 1.. of a sequence-parallel group: they decode and write nothing
-    seconds: float = (
-        0.0  # wall time of generating and decoding the videos (no loading, no writing of samples.*)
-    )
+    # wall time of generating and decoding the videos (no loading, no writing of samples.*)
+    seconds: float = 0.0
 
 
 def check_flags(run: LoadedRun, label: int | None, captions: list[str] | None) -> None:

@@ -391,12 +391,9 @@ class Trainer:
             grad_norm = self.sharded.clip_grad_norm_(clip if clip > 0 else float("inf"))
         # the step's one host sync: the loss, the gradient norm and the objective's metrics in one copy
         host = to_floats({**out.metrics, "loss": out.loss, "grad_norm": grad_norm})
-        for name in (
-            "loss",
-            "grad_norm",
-        ):  # before the weights change; averaged gradients: every rank sees it
+        # checked before the weights change; the gradients are averaged, so every rank sees a bad norm
+        for name, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
             if not math.isfinite(host[name]):
-                what = "loss" if name == "loss" else "gradient norm"
                 raise EflowError(f"{what} is {host[name]} at step {step}; lower --lr or check the data")
         self.optimizer.step()
         self.ema.update(self.model)
