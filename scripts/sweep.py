@@ -108,15 +108,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def guidance(eval_flags: str) -> str:
+    """' w=G' when an eval's flags set the guidance scale, else ''."""
+    flags = words(eval_flags)
+    return f" w={flags[flags.index('--guidance') + 1]}" if "--guidance" in flags[:-1] else ""
+
+
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    """Two bar charts (class accuracy, in-domain FVD), one bar per run and eval, labelled run / NFE steps."""
+    """Two bar charts (class accuracy, in-domain FVD), one bar per run and eval, labelled run / NFE steps
+    (and the guidance scale where the eval sets it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if "error" not in r]
-    labels = [f"{r['run']}\n{r['sampler']} {r['steps']}" for r in rows]
+    labels = [f"{r['run']}\n{r['sampler']} {r['steps']}{guidance(r['eval'])}" for r in rows]
     colours = ["tab:blue" if r["sampler"] == "euler" else "tab:orange" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows)), 4.2))
     for ax, key, name in ((axes[0], "accuracy", "sample class accuracy (higher is better)"),
