@@ -183,7 +183,7 @@ def test_attention_distillation_of_a_copy_of_the_teacher_is_zero_and_drops_token
     out = objective.loss(net, batch, StepInfo(step=0, total_steps=1))
     assert out.metrics["attention_mse"] == 0.0 and out.metrics["output_mse"] == 0.0
     assert net.counts["full_nograd"] == 2  # the teacher's pass is counted
-    drop = DropPlan(get_registry("token_drop").create("random"), 0.5, torch.Generator().manual_seed(0))
+    drop = DropPlan(get_registry("token_drop").create("random"), 0.5, seed=0)
     out = objective.loss(Network(student, None, drop), batch, StepInfo(step=0, total_steps=1))
     assert out.metrics["attention_mse"] > 0  # the middle blocks saw half the tokens
     out.loss.backward()

@@ -114,7 +114,7 @@ def test_objective_gives_a_finite_loss_that_backpropagates_and_declares_its_cost
     torch.manual_seed(1)
     x0 = torch.rand(SHAPE) * 2 - 1
     cond = Condition(labels=torch.tensor([0, 1, 2, 3]))
-    drop = DropPlan(get_registry("token_drop").create("sprint"), 0.5, torch.Generator().manual_seed(0))
+    drop = DropPlan(get_registry("token_drop").create("sprint"), 0.5, seed=0)
     net = Network(m, ema, drop)
     out = objective.loss(net, {"x0": x0, "cond": cond}, StepInfo(step=9, total_steps=10, mva_share=0.25))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)

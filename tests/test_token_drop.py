@@ -93,3 +93,62 @@ def test_seeds_decide_the_selection(name):
 def test_ratio_outside_zero_one_is_rejected(name, ratio):
     with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
         select(name, (2, 4, 4), ratio)
+
+
+# ----- keyed draws (eflow.network.DropPlan): world-size invariance ------------------------------------
+
+
+def plan(name="sprint", ratio=0.75, seed=7, global_batch=8, batch_start=0):
+    from eflow.network import DropPlan
+
+    strategy = get_registry("token_drop").create(name)
+    return DropPlan(strategy, ratio, seed=seed, global_batch=global_batch, batch_start=batch_start)
+
+
+@pytest.mark.parametrize("name", ["random", "sprint"])
+def test_a_samples_kept_tokens_depend_on_its_global_row_and_pass_not_on_its_call(name):
+    """Rank 1 of 2 holding rows 4-7, or a call mixing two passes, keeps for each sample what one
+    process holding all 8 rows keeps for it."""
+    grid, p = (4, 6, 6), plan(name)
+    whole = p.keep(grid, torch.arange(8), torch.full((8,), 5))
+    assert torch.equal(p.keep(grid, torch.tensor([4, 5, 6, 7]), torch.full((4,), 5)), whole[4:])
+    mixed = p.keep(grid, torch.tensor([6, 1, 3]), torch.tensor([5, 2, 5]))  # passes 5 and 2 in one call
+    assert torch.equal(mixed[[0, 2]], whole[[6, 3]])
+    assert torch.equal(mixed[1], p.keep(grid, torch.tensor([1]), torch.tensor([2]))[0])
+    assert not torch.equal(mixed[1], whole[1])  # another pass draws afresh
+    assert not torch.equal(plan(name, seed=8).keep(grid, torch.arange(8), torch.full((8,), 5)), whole)
+
+
+def test_rows_outside_the_global_batch_are_refused():
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        plan().keep((4, 6, 6), torch.tensor([3, 8]), torch.zeros(2, dtype=torch.long))
+
+
+def test_a_call_without_keys_is_its_rows_in_batch_order_from_batch_start():
+    """FM calls the network once on its local batch, without keys: rank 1's call keeps for its rows what
+    one process's call keeps for the same global rows."""
+    from eflow.condition import Condition
+    from eflow.model.dit import build_model
+    from eflow.network import Network
+
+    kept = []
+
+    class Recorder(torch.nn.Module):  # the model's interface, recording the kept tokens it is given
+        def __init__(self):
+            super().__init__()
+            self.model = build_model("tiny", num_classes=4)
+
+        def token_grid(self, shape):
+            return self.model.token_grid(shape)
+
+        def forward(self, x, t, s, cond, guidance, path, keep):
+            kept.append(keep)
+            return x
+
+    def call(batch_start, rows):
+        net = Network(Recorder(), drop=plan(global_batch=4, batch_start=batch_start))
+        x = torch.zeros(rows, 3, 4, 8, 8)
+        net(x, torch.ones(rows), torch.ones(rows), Condition(labels=torch.zeros(rows, dtype=torch.long)))
+        return kept[-1]
+
+    assert torch.equal(call(2, 2), call(0, 4)[2:])

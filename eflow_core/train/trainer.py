@@ -65,10 +65,10 @@ from eflow.train.trackers import Trackers, open_trackers
 MEMORY_HINT = "--batch-size, --frames or --size"
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of step `step` on `rank` (rank 0: the objectives' draws on every rank; the rank's own:
-    its token-drop plan): every random draw in a step derives from one (exact resume)."""
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step `step`, the same on every rank: the objectives' draws use it, the token-drop plan
+    it plus one. Every random draw in a step derives from it (exact resume, any number of GPUs)."""
+    return (seed * 1_000_003 + step * 7_919) % (2**63 - 1)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -344,20 +344,20 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         # torch's RNG: seeded alike on every rank, and the objectives draw for the global batch and keep
-        # their rows (StepInfo.share), so a sample's noise, times and groups do not depend on the number
-        # of GPUs. The token-drop plan draws per model call and stays per rank (docs/scaling.md).
-        torch.manual_seed(step_seed(cfg.train.seed, 0, step))
+        # their rows (StepInfo.share); the token-drop plan keys its draws by global row and pass. So a
+        # sample's noise, times, groups and kept tokens do not depend on the number of GPUs (docs/scaling.md).
+        torch.manual_seed(step_seed(cfg.train.seed, step))
         raw = self._next_batch(step)
         x0 = self._x0(raw)
         cond = self.parts.conditioner(raw, self.device)
         stage_index, stage = cfg.schedule.stage_at(step, cfg.train.steps)
         ratio = self.token_drop.effective_ratio(cfg.schedule.drop_ratio_at(step, cfg.train.steps))
-        drop_seed = step_seed(cfg.train.seed, self.dp.rank, step) + 1
-        drop = (
-            DropPlan(self.token_drop, ratio, torch.Generator().manual_seed(drop_seed)) if ratio > 0 else None
-        )
-        net = Network(self.model, self.ema.model, drop)
         rows = x0.shape[0]
+        drop = None
+        if ratio > 0:
+            drop_seed = step_seed(cfg.train.seed, step) + 1
+            drop = DropPlan(self.token_drop, ratio, drop_seed, self.dp.size * rows, self.dp.rank * rows)
+        net = Network(self.model, self.ema.model, drop)
         info = StepInfo(
             step=step,
             total_steps=cfg.train.steps,
@@ -420,9 +420,9 @@ class Trainer:
         """Commit the checkpoint of `step` (the number of optimizer steps applied): under FSDP sharded,
         every rank writing its shards (checkpoint.save_sharded_checkpoint); else rank 0 writes it whole.
 
-        No random state is saved: the objectives' draws of step k derive from (seed, k), the token-drop
-        plan's on rank r from (seed, k, r), and the data of step k from (seed, k), so the step number is
-        the whole position of the run."""
+        No random state is saved: the objectives' and the token-drop plan's draws of step k derive from
+        (seed, k), and the data of step k from (seed, k), so the step number is the whole position of
+        the run, on any number of GPUs."""
         try:
             if self.sharded is not None:
                 checkpoint.save_sharded_checkpoint(

@@ -33,6 +33,8 @@ Exact conventions (where the paper and the notes leave room):
 - reading order: `plan_groups` says which samples take which passes (the index sets), `loss_from` computes
   the equations on those sets with batched passes, and `reference_loss` is Algorithm 1 one sample and
   one network call at a time: the readable ground truth the batched version is tested against.
+- token dropping: every pass names its samples' global rows and its place in the step (pass_id 0-8),
+  so a sample's kept tokens do not depend on the rank or on the passes sharing its call.
 - batching: passes without mutual dependence are concatenated into one network call per
   (path, weights): stage 1 (no grad) = {v_u for FM and SCM samples, F_sg(x_t, t, t, c) for SCM, the first MVA leg},
   stage 2 (no grad) = {SCM target, second MVA leg}, and one call with gradient for all full-path
@@ -274,10 +276,13 @@ class Pass:
     guidance: Tensor
     path: str = "full"
     weights: str = "online"  # "online" or "ema"
+    rows: Tensor | None = None  # [n] long, the samples' rows in the step's global batch
+    pass_id: int = 0  # which of the step's passes this is: with `rows`, the key of its token-drop draw
 
 
 def run_passes(net, passes: list[Pass], grad: bool) -> list[Tensor]:
-    """F for every pass, with one network call per (path, weights): their samples are concatenated."""
+    """F for every pass, with one network call per (path, weights): their samples are concatenated, each
+    keeping its own token-drop key (rows, pass_id) when every pass of the call has rows."""
     out: list[Tensor | None] = [None] * len(passes)
     calls: dict[tuple[str, str], list[int]] = {}
     for i, q in enumerate(passes):
@@ -291,11 +296,16 @@ def run_passes(net, passes: list[Pass], grad: bool) -> list[Tensor]:
         s = torch.cat([passes[i].s for i in ids])
         g = torch.cat([passes[i].guidance for i in ids])
         cond = Condition.cat([passes[i].cond for i in ids])
+        keyed = all(passes[i].rows is not None for i in ids)
+        rows = torch.cat([passes[i].rows for i in ids]) if keyed else None  # type: ignore[misc]
+        pass_id = (
+            torch.cat([torch.full((len(passes[i].x),), passes[i].pass_id) for i in ids]) if keyed else None
+        )
         if weights == "ema":
-            F = net.ema(x, t, s, cond, g, path=path)
+            F = net.ema(x, t, s, cond, g, path=path, rows=rows, pass_id=pass_id)
         else:
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                F = net(x, t, s, cond, g, path=path)
+                F = net(x, t, s, cond, g, path=path, rows=rows, pass_id=pass_id)
         F = F.to(
             torch.promote_types(F.dtype, x.dtype)
         )  # low-precision outputs: keep f = x + (s - t) F in x's dtype
@@ -447,17 +457,19 @@ class SolutionFlow(Objective):
             groups.mva,
         )
 
+        start = 0 if info is None else info.batch_start  # global row of local row 0 (token-drop keys)
+
         def at(idx: Tensor, x: Tensor, tt: Tensor, ss: Tensor, c: Condition, gg: Tensor, **kw) -> Pass:
-            return Pass(x[idx], tt[idx], ss[idx], c[idx], gg[idx], **kw)
+            return Pass(x[idx], tt[idx], ss[idx], c[idx], gg[idx], rows=idx + start, **kw)
 
         # stage 1 (no grad): v_u for guided FM/SCM samples, F_sg(x_t, t, t, c) for SCM, first MVA leg
         uncond_path = "weak" if self.pdg else "full"
         mix = o.velocity_mix
         self_target = o.guidance_target == "self"
         stage1 = [
-            at(guided, x_t, t, t, null_cond, torch.zeros_like(t), path=uncond_path),
-            at(scm if mix < 1 or self_target else scm[:0], x_t, t, t, cond, g),
-            at(mva, x_t, t, l, cond, g, weights=o.mva_target),
+            at(guided, x_t, t, t, null_cond, torch.zeros_like(t), path=uncond_path, pass_id=0),
+            at(scm if mix < 1 or self_target else scm[:0], x_t, t, t, cond, g, pass_id=1),
+            at(mva, x_t, t, l, cond, g, weights=o.mva_target, pass_id=2),
         ]
         F_u, F_c, F_mva1 = run_passes(net, stage1, grad=False)
 
@@ -479,8 +491,8 @@ class SolutionFlow(Objective):
 
         # stage 2 (no grad): the SCM target f_sg(x_l, l, s) and the second MVA leg f_sg(x_mid, l, s)
         stage2 = [
-            Pass(x_l, l[scm], s[scm], cond[scm], g[scm], weights=o.target),
-            Pass(x_mid, l[mva], s[mva], cond[mva], g[mva], weights=o.mva_target),
+            Pass(x_l, l[scm], s[scm], cond[scm], g[scm], weights=o.target, rows=scm + start, pass_id=3),
+            Pass(x_mid, l[mva], s[mva], cond[mva], g[mva], weights=o.mva_target, rows=mva + start, pass_id=4),
         ]
         F_l, F_mva2 = run_passes(net, stage2, grad=False)
         f_l = solution_map(x_l, l[scm], s[scm], F_l)
@@ -488,10 +500,10 @@ class SolutionFlow(Objective):
 
         # with gradient: all full-path predictions in one call, path-dropped FM samples on the weak path
         grads = [
-            at(full_fm, x_t, t, t, cond, g),
-            at(scm, x_t, t, s, cond, g),
-            at(mva, x_t, t, s, cond, g),
-            at(weak_fm, x_t, t, t, null_cond, torch.zeros_like(t), path="weak"),
+            at(full_fm, x_t, t, t, cond, g, pass_id=5),
+            at(scm, x_t, t, s, cond, g, pass_id=6),
+            at(mva, x_t, t, s, cond, g, pass_id=7),
+            at(weak_fm, x_t, t, t, null_cond, torch.zeros_like(t), path="weak", pass_id=8),
         ]
         F_fm, F_scm, F_mva, F_weak = run_passes(net, grads, grad=True)
 
