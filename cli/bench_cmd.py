@@ -402,7 +402,8 @@ def plot_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="PNG path; default: attention.png, train_ladder.png or sample_ladder.png beside the results"
+            help="PNG path, or a directory to write it in; default: attention.png, train_ladder.png or "
+            "sample_ladder.png beside the results"
         ),
     ] = None,
 ) -> None:
@@ -415,6 +416,8 @@ def plot_command(
         document = read_results(results)
         if not matplotlib_available():
             raise EflowError("matplotlib is not installed; pip install 'eflow[plots]' to draw plots")
+        if out is not None and out.is_dir():
+            out = out / plot_name(document)
         target = out or (results if results.is_dir() else results.parent) / plot_name(document)
         typer.echo(f"  plot: {draw_plot(document, target)}")
 

@@ -22,10 +22,10 @@ def preview(
     data_root: Annotated[
         str | None, typer.Option(help="the dataset's folder or manifest (video-folder, captions)")
     ] = None,
-    num: Annotated[int, typer.Option(help="number of clips")] = 8,
-    frames: Annotated[int, typer.Option(help="frames per clip")] = 16,
+    num: Annotated[int, typer.Option(help="number of clips", min=1)] = 8,
+    frames: Annotated[int, typer.Option(help="frames per clip", min=1)] = 16,
     size: Annotated[str, typer.Option(help="N or HxW pixels")] = "64",
-    seed: Annotated[int, typer.Option(help="dataset seed")] = 0,
+    seed: Annotated[int, typer.Option(help="dataset seed", min=0)] = 0,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/preview"),
 ) -> None:
     """Write the first NUM clips of a dataset as a mosaic mp4, a gif and a PNG frame grid."""

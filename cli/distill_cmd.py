@@ -23,7 +23,9 @@ MLCD, TILES, TRAIN = "MLCD", "Tile search", "Training"
 Teacher = Annotated[
     Path | None, typer.Option(help="the teacher: a flow-matching run directory (objective fm)")
 ]
-Segments = Annotated[int, typer.Option(help="trajectory segments = sampling steps", rich_help_panel=MLCD)]
+Segments = Annotated[
+    int, typer.Option(help="trajectory segments = sampling steps", min=1, rich_help_panel=MLCD)
+]
 Guidance = Annotated[
     float, typer.Option(help="CFG scale of the teacher's steps = the student's w", rich_help_panel=MLCD)
 ]
@@ -55,7 +57,9 @@ Sets = Annotated[
 ]
 
 distill_app = typer.Typer(
-    help="Distill a flow-matching teacher (Efficient-vDiT): MLCD, attention-tile search, the whole pipeline.",
+    help="Distill a flow-matching teacher (Efficient-vDiT). Without a command, `eflow distill --teacher RUN "
+    "--out NEW` runs MLCD (multi-step consistency distillation; --teacher and --out are required); "
+    "`tiles` searches per-layer attention tiles, `pipeline` runs the whole three stages.",
     no_args_is_help=True,
 )
 

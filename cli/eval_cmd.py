@@ -10,6 +10,7 @@ runs/demo` works; a run directory literally named like a subcommand needs `eflow
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,9 @@ class RunByDefault(TyperGroup):
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            near = difflib.get_close_matches(args[0], list(self.commands), n=1, cutoff=0.75)
+            if near and not Path(args[0]).exists():  # a mistyped subcommand, not a run directory
+                ctx.fail(f"no command or run directory '{args[0]}'. Did you mean '{near[0]}'?")
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -205,3 +206,26 @@ def register(app: typer.Typer) -> None:
             err_console.print(
                 f"[green]done:[/] {result.step} steps, last loss {result.last_loss:.4f}; run saved in {result.run_dir}"
             )
+
+    show_defaults(train)
+
+
+def show_defaults(command) -> None:
+    """Append RunConfig's default to the help of every option that sets one of its fields (the options
+    default to None so that config files can layer under them, which hides the real default)."""
+    from eflow.config import RunConfig
+
+    defaults = RunConfig().model_dump(mode="json")
+    hints = typing.get_type_hints(command, include_extras=True)  # evaluated once, kept below
+    for name, hint in hints.items():
+        path = TRAIN_FLAGS.get(name)
+        value: object = defaults
+        for key in (path or "").split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if path is None or value in (None, [], {}):
+            continue
+        for info in getattr(hint, "__metadata__", ()):
+            if isinstance(info, typer.models.OptionInfo) and info.help and "default" not in info.help:
+                shown = ",".join(map(str, value)) if isinstance(value, list) else value
+                info.help = f"{info.help} (default: {shown})"
+    command.__annotations__ = hints  # typer would evaluate the string annotations afresh

@@ -229,7 +229,7 @@ class TrainSection(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2)")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     ema_decay: float = Field(0.999, ge=0, le=1, description="EMA decay (warmed up as (1+n)/(10+n))")
-    seed: int = Field(0, description="seed of everything random in the run")
+    seed: int = Field(0, ge=0, description="seed of everything random in the run")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on GPU, fp32 on CPU"

@@ -200,6 +200,17 @@ def text_condition_reason(layers: Iterable[Mapping[str, Any]]) -> str | None:
     return None
 
 
+def _validated(layers: list[dict], notes: list[str], config, toml: dict | None) -> RunConfig:
+    """build_config of the layers; when that fails and the config file alone fails too, the file's error,
+    which names the file (the merged error names only the field)."""
+    try:
+        return build_config(*layers, notes=notes)
+    except ConfigError:
+        if toml is not None:
+            build_config(toml, where=f"config file {config}", notes=[])
+        raise
+
+
 def resolve_run_config(
     config: str | Path | None = None,
     flags: Mapping[str, Any] | None = None,
@@ -226,7 +237,7 @@ def resolve_run_config(
     if toml is not None:
         layers.append(toml)
     layers.append(config_layer(flags, TRAIN_FLAGS))
-    base = build_config(*layers, notes=converted)
+    base = _validated(layers, converted, config, toml)
     layers.append(schedule_layer(base, *(flags.get(name) for name in SCHEDULE_FLAGS)))
     layers.append(parse_assignments(sets))
     reason = text_condition_reason(layers)
@@ -234,7 +245,7 @@ def resolve_run_config(
         layers.insert(0, {"data": {"condition": "text"}})  # under every source: none of them set it
         if notes is not None:
             notes.append(f"data.condition = text ({reason}; --condition label to override)")
-    cfg = build_config(*layers, notes=converted)
+    cfg = _validated(layers, converted, config, toml)
     report_notes(converted, notes)
     check_run_config(cfg)
     return cfg

@@ -158,6 +158,12 @@ def test_plot_command_redraws_from_results_json(sweep, tmp_path):
     result = run("bench", "plot", out / "results.json", "--out", target)
     assert result.exit_code == 0, result.output
     assert target.read_bytes()[:4] == b"\x89PNG"
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    result = run("bench", "plot", out, "--out", folder)  # a directory: the plot is written inside it
+    assert result.exit_code == 0, result.output
+    assert (folder / "attention.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(folder / "attention.png") in result.output
 
 
 def test_plot_command_without_results_is_a_clean_error(tmp_path):

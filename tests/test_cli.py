@@ -187,3 +187,31 @@ def test_caption_on_a_label_run_is_refused(trained_run):
     assert_clean_error(
         run("sample", trained_run, "--caption", "a red square"), "--caption needs a text-conditioned run"
     )
+
+
+def test_train_help_shows_the_config_defaults_its_options_hide():
+    """The options default to None so config files can layer under them; --help still shows RunConfig's
+    defaults, read from it (not written twice)."""
+    from eflow.config import RunConfig
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    steps = next(line for line in result.output.splitlines() if "--steps" in line)
+    assert f"(default: {RunConfig().train.steps})" in steps
+    out = next(line for line in result.output.splitlines() if "--out " in line)
+    assert f"(default: {RunConfig().train.out})" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--seed", "-1", "--print-config"],
+        ["data", "preview", "--num", "0"],
+        ["data", "preview", "--seed", "-1"],
+        ["data", "preview", "--frames", "0"],
+    ],
+)
+def test_out_of_range_values_are_usage_errors_not_tracebacks(args, tmp_path):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "x")], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, (ValueError, RuntimeError)), result.exception

@@ -124,3 +124,9 @@ def test_accuracy_needs_a_label_conditioned_run(tmp_path, cache):
     out = tmp_path / "text"
     ok(run("train", "--steps", 1, "--condition", "text", "--out", out, *TINY))
     assert_clean_error(evaluate(out, cache, "--metric", "accuracy"), "needs a label-conditioned run")
+
+
+def test_a_mistyped_subcommand_is_named_not_taken_for_a_run_directory():
+    result = run("eval", "train-extractr", "--data", "shapes")
+    assert result.exit_code == 2
+    assert "Did you mean 'train-extractor'" in result.output

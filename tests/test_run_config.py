@@ -244,3 +244,10 @@ def test_preset_parameter_counts_on_the_meta_device():
     assert counts["total"] > 0
     with pytest.raises(EflowError, match="unknown attention"):
         preset_parameter_counts("tiny", "nope")
+
+
+def test_a_bad_field_in_the_config_file_names_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nstpes = 3\n")
+    with pytest.raises(ConfigError, match=r"config file .*run\.toml[\s\S]*train\.stpes: unknown field"):
+        resolve_run_config(path, {"steps": 2})

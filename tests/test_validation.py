@@ -47,3 +47,16 @@ def test_validation_settings_are_checked():
         build_config({"validation": {"every": -1}})
     with pytest.raises(ConfigError, match=r"validation.metrics.0"):
         build_config({"validation": {"metrics": ["psnr"]}})
+
+
+def test_a_missing_classifier_fails_before_the_first_step(tmp_path, monkeypatch):
+    """--eval-every with no in-domain classifier trained for the run's clips: the error (naming the command
+    that trains one) comes at start-up, not after `every` steps of training that would then be lost."""
+    from eflow.errors import EflowError
+
+    monkeypatch.setenv("EFLOW_CACHE_DIR", str(tmp_path / "empty_cache"))
+    cfg = tiny_config(tmp_path / "run", steps=4)
+    cfg.validation = cfg.validation.model_validate({"every": 2, "num": 4, "metrics": ["accuracy"]})
+    with pytest.raises(EflowError, match="eflow eval train-extractor"):
+        Trainer(cfg, progress=False).run()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was taken

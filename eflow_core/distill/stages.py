@@ -74,7 +74,11 @@ def student_config(
     tree["train"]["out"] = str(out)
     tree["model"].update(model or {})
     tree["sample"].update(sample or {})
-    cfg = build_config(tree, parse_assignments(sets), where="the student's config")
+    cfg = build_config(
+        tree,
+        parse_assignments(sets),
+        where="student config (the teacher's config.json with the distill flags)",
+    )
     check_run_config(cfg)
     return cfg
 

@@ -118,24 +118,8 @@ def evaluate_run(run: LoadedRun, settings: EvalSettings, progress: Progress | No
             real_name, *clip, seed=cfg.train.seed, options=real_options
         )
 
-    classifier = tally = None
-    if want_acc:
-        classifier, tally = _accuracy_classifier(run, settings)
-    extractor = None
-    if want_fvd:
-        context = {
-            "dataset": real_name,
-            "dataset_options": real_options,
-            "clip_frames": clip[0],
-            "clip_height": clip[1],
-            "clip_width": clip[2],
-            "cache_dir": settings.cache_dir,
-        }
-        extractor = create_extractor(settings.extractor, settings.extractor_options, context)
-        if hasattr(extractor, "check_clip_shape"):
-            extractor.check_clip_shape((3, *clip))
-        if hasattr(extractor, "to"):
-            extractor = extractor.to(device) or extractor
+    classifier, extractor = load_extractors(cfg, settings, run.parts.num_classes, device)
+    tally = ClassTally(run.parts.num_classes, classifier.classes) if classifier is not None else None
 
     report: dict[str, Any] = {
         "eflow_version": _version(),
@@ -245,9 +229,37 @@ def evaluate_run(run: LoadedRun, settings: EvalSettings, progress: Progress | No
     return report
 
 
-def _accuracy_classifier(run: LoadedRun, settings: EvalSettings):
-    """The in-domain classifier of the run's dataset and clip shape, and an empty tally."""
-    cfg = run.cfg
+def load_extractors(cfg, settings: EvalSettings, num_classes: int | None, device) -> tuple[Any, Any]:
+    """(the accuracy classifier, the FVD extractor) that the settings' metrics need for a run of `cfg`
+    with `num_classes` classes, on `device` (None where a metric is not wanted). A missing classifier or
+    weights file is an EflowError naming the command that makes it; the trainer calls this before its
+    first step when it validates, so that error comes at start-up."""
+    classifier = extractor = None
+    if "accuracy" in settings.metrics:
+        classifier = _accuracy_classifier(cfg, num_classes, settings, device)
+    if "fvd" in settings.metrics:
+        clip = (cfg.data.frames, cfg.data.height, cfg.data.width)
+        real_name = settings.real or cfg.data.name
+        context = {
+            "dataset": real_name,
+            "dataset_options": resolve_dataset_options(
+                real_name, cfg.data.options if real_name == cfg.data.name else {}
+            ),
+            "clip_frames": clip[0],
+            "clip_height": clip[1],
+            "clip_width": clip[2],
+            "cache_dir": settings.cache_dir,
+        }
+        extractor = create_extractor(settings.extractor, settings.extractor_options, context)
+        if hasattr(extractor, "check_clip_shape"):
+            extractor.check_clip_shape((3, *clip))
+        if hasattr(extractor, "to"):
+            extractor = extractor.to(device) or extractor
+    return classifier, extractor
+
+
+def _accuracy_classifier(cfg, num_classes: int | None, settings: EvalSettings, device):
+    """The in-domain classifier of the run's dataset and clip shape, on `device`."""
     if cfg.data.condition != "label":
         raise EflowError("--metric accuracy needs a label-conditioned run; this run is conditioned on text")
     options = resolve_dataset_options(cfg.data.name, cfg.data.options)
@@ -259,13 +271,13 @@ def _accuracy_classifier(run: LoadedRun, settings: EvalSettings):
         "clip_width": cfg.data.width,
         "cache_dir": settings.cache_dir,
     }
-    classifier = create_extractor("indomain", {}, context).to(run.device)
-    if len(classifier.classes) != run.parts.num_classes:
+    classifier = create_extractor("indomain", {}, context).to(device)
+    if len(classifier.classes) != num_classes:
         raise EflowError(
             f"the in-domain classifier {classifier.path} knows {len(classifier.classes)} classes but the "
-            f"run has {run.parts.num_classes}; retrain it with `eflow eval train-extractor`"
+            f"run has {num_classes}; retrain it with `eflow eval train-extractor`"
         )
-    return classifier, ClassTally(run.parts.num_classes, classifier.classes)
+    return classifier
 
 
 def _generate_and_measure(

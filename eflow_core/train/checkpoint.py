@@ -293,7 +293,8 @@ def usable_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) 
     candidates = _candidates(run_dir)
     if not candidates:
         raise EflowError(
-            f"{run_dir} holds no checkpoint (no {CHECKPOINTS}/step_N and no {STATE}); train without --resume"
+            f"{run_dir} holds no checkpoint (no {CHECKPOINTS}/step_N and no {STATE}): nothing was saved "
+            f"there yet (`eflow train --out {run_dir}` writes one; a run that never saved restarts without --resume)"
         )
     problems = []
     for directory in candidates:

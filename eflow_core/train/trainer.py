@@ -139,9 +139,10 @@ class Trainer:
         if self.resume and not has_ckpt:
             raise EflowError(f"--resume: {self.run_dir} holds no checkpoint to continue")
         if not self.resume and not self.overwrite and has_ckpt:
+            default = " (the default run directory)" if self.cfg.train.out == RunConfig().train.out else ""
             raise EflowError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
-                "or choose another --out"
+                f"{self.run_dir}{default} already holds a run; pass --resume to continue it, --overwrite to "
+                "start over, or choose another --out"
             )
 
     def _replace_old_run(self) -> None:
@@ -511,14 +512,26 @@ class Trainer:
         batch = collate(items)
         return self.parts.conditioner.embeddings(batch["text"], batch["text_mask"], self.device)
 
+    def _validation_settings(self):
+        """cfg.validation as eflow eval's settings (accuracy only for label-conditioned runs)."""
+        from eflow.eval.evaluate import EvalSettings
+
+        v, cfg = self.cfg.validation, self.cfg
+        return EvalSettings(
+            metrics=[m for m in v.metrics if m != "accuracy" or cfg.data.condition == "label"],
+            extractor=v.extractor,
+            extractor_options=dict(v.extractor_options),
+            num=v.num,
+            batch_size=v.batch_size,
+            device=str(self.device),
+        )
+
     def validate(self, step: int) -> dict[str, float]:
         """eflow eval's core on the EMA weights after `step` steps (cfg.validation): val_fvd and/or
         val_accuracy, and val_s, the seconds it took. Sampling draws from its own seeded generators and
         every training step reseeds the global RNG, so a run with validation trains exactly as one without."""
-        from eflow.eval.evaluate import EvalSettings, evaluate_run
+        from eflow.eval.evaluate import evaluate_run
 
-        v = self.cfg.validation
-        metrics = [m for m in v.metrics if m != "accuracy" or self.cfg.data.condition == "label"]
         run = LoadedRun(
             self.run_dir,
             self.cfg.model_copy(deep=True),  # evaluate_run sets its sample section
@@ -528,16 +541,8 @@ class Trainer:
             self.device,
             self.precision,
         )
-        settings = EvalSettings(
-            metrics=metrics,
-            extractor=v.extractor,
-            extractor_options=dict(v.extractor_options),
-            num=v.num,
-            batch_size=v.batch_size,
-            device=str(self.device),
-        )
         t0 = time.perf_counter()
-        report = evaluate_run(run, settings)
+        report = evaluate_run(run, self._validation_settings())
         out = {f"val_{name}": float(value) for name, value in report["metrics"].items()}
         out["val_s"] = time.perf_counter() - t0
         return out
@@ -572,6 +577,10 @@ class Trainer:
         self._check_run_dir()
         self._setup()  # config, plugins and parts are all built before anything in the directory changes
         cfg, main = self.cfg, self.world.is_main
+        if main and cfg.validation.every:  # a missing classifier fails now, not after `every` steps
+            from eflow.eval.evaluate import load_extractors
+
+            load_extractors(cfg, self._validation_settings(), self.parts.num_classes, torch.device("cpu"))
         if main:
             self._replace_old_run()
             for leftover in checkpoint.clean_leftovers(self.run_dir):

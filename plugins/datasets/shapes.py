@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import Dataset
 
-from eflow.api import hookimpl
+from eflow.api import ConfigError, hookimpl
 
 CLASSES = ("left", "right", "up", "down", "bounce", "rotate", "grow", "shrink", "orbit", "still")
 NUM_CLASSES = len(CLASSES)
@@ -184,7 +184,7 @@ class ShapesDataset(Dataset):
         edge: float = 1.0,
     ):
         if min(frames, height, width) < 1 or length < 1 or seed < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"shapes needs frames, height, width, length >= 1 and seed >= 0; got {frames}x{height}x{width}, length {length}, seed {seed}"
             )
         ShapesOptions(classes=classes, background=background, edge=edge)  # validate direct calls too
