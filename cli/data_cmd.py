@@ -83,7 +83,7 @@ def encode(
         int, typer.Option(min=1, help="dataset items per shard", rich_help_panel=OUTPUT)
     ] = 256,
     dtype: Annotated[
-        str, typer.Option(help="stored dtype: float32, bfloat16, float16", rich_help_panel=OUTPUT)
+        str, typer.Option(help="stored dtype: float32, bfloat16, float16 (or fp32, bf16, fp16)", rich_help_panel=OUTPUT)
     ] = "float32",
     limit: Annotated[
         int | None,
@@ -117,10 +117,10 @@ def encode(
     Captions are encoded too when --text-encoder is given or the config's data.condition is "text".
     """
     from eflow.data.encode import encode_config, prepare_encode
-    from eflow.data.latent_shards import check_storage_dtype
+    from eflow.data.latent_shards import storage_dtype_name
 
     with user_errors():
-        check_storage_dtype(dtype)
+        dtype = storage_dtype_name(dtype)
         flags = dict(data=data, data_root=data_root, frames=frames, size=size, autoencoder=autoencoder)
         flags.update(vae_path=vae_path, text_encoder=text_encoder, seed=seed)
         cfg = encode_config(config, flags, set_)

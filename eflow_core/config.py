@@ -366,8 +366,17 @@ def parse_assignments(
     for pair in pairs or ():
         if "=" not in pair:
             raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} {example}")
-        key, value = pair.split("=", 1)
-        set_dotted(tree, key.strip(), parse_value(value.strip()))
+        key, value = (part.strip() for part in pair.split("=", 1))
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"{flag} {pair!r}: the key must be a dotted field name, e.g. {flag} {example}")
+        if any(part.isdigit() for part in parts):
+            listed = ".".join(parts[: next(i for i, p in enumerate(parts) if p.isdigit())])
+            raise ConfigError(
+                f"{flag} {pair!r}: list items cannot be set one by one; set the whole list {listed}, e.g. "
+                f"{flag} 'schedule.stages=[{{start=0.0,end=1.0,drop_ratio=0.5}}]' or {flag} 'train.track=[\"wandb\"]'"
+            )
+        set_dotted(tree, key, parse_value(value))
     return tree
 
 

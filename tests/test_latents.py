@@ -346,3 +346,19 @@ def test_index_json_is_checked(tmp_path):
     (tmp_path / INDEX).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(EflowError, match="not an eflow latent index"):
         read_index(tmp_path)
+
+
+def test_storage_dtype_takes_the_precision_spellings_too():
+    from eflow.data.latent_shards import storage_dtype_name
+    from eflow.errors import ConfigError
+
+    assert [storage_dtype_name(n) for n in ("bf16", "fp16", "fp32", "bfloat16")] == [
+        "bfloat16",
+        "float16",
+        "float32",
+        "bfloat16",
+    ]
+    with pytest.raises(
+        ConfigError, match=r"--dtype 'float8': choose one of float32, bfloat16, float16, fp32"
+    ):
+        storage_dtype_name("float8")

@@ -251,3 +251,12 @@ def test_a_bad_field_in_the_config_file_names_the_file(tmp_path):
     path.write_text("[train]\nstpes = 3\n")
     with pytest.raises(ConfigError, match=r"config file .*run\.toml[\s\S]*train\.stpes: unknown field"):
         resolve_run_config(path, {"steps": 2})
+
+
+def test_set_refuses_list_items_and_empty_keys_with_the_whole_list_syntax():
+    with pytest.raises(
+        ConfigError, match=r"list items cannot be set one by one; set the whole list schedule\.stages"
+    ):
+        parse_assignments(["schedule.stages.0.drop_ratio=0.5"])
+    with pytest.raises(ConfigError, match="the key must be a dotted field name"):
+        parse_assignments(["=3"])

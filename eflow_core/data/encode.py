@@ -27,7 +27,7 @@ import torch
 
 from eflow.assembly import build_dataset, resolve_device
 from eflow.config import RunConfig, build_config, load_toml, parse_assignments
-from eflow.data.latent_shards import ShardEncoder, check_storage_dtype
+from eflow.data.latent_shards import ShardEncoder, storage_dtype_name
 from eflow.registry import get_registry
 from eflow.run_config import config_layer
 from eflow.train.distributed import World, init_world, shutdown
@@ -155,7 +155,7 @@ def prepare_encode(
     divided among the ranks of a machine. Under torchrun, joins the process group first; a CUDA device
     becomes cuda:LOCAL_RANK."""
     d = cfg.data
-    check_storage_dtype(dtype)
+    dtype = storage_dtype_name(dtype)
     with_text = with_text or d.condition == "text"
     resolved_options("dataset", d.name, d.options)  # bad options fail before the dataset is built
     ae_options = resolved_options("autoencoder", d.autoencoder, d.autoencoder_options)

@@ -614,7 +614,17 @@ class LatentShards:
         return int(self._handle(number).get_slice("index")[row])
 
 
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the spellings of --precision
+
+
+def storage_dtype_name(name: str) -> str:
+    """The stored dtype's name for --dtype NAME (float32, bfloat16, float16, or fp32, bf16, fp16)."""
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in STORAGE_DTYPES:
+        choices = ", ".join([*STORAGE_DTYPES, *DTYPE_ALIASES])
+        raise ConfigError(f"--dtype {name!r}: choose one of {choices}")
+    return canonical
+
+
 def check_storage_dtype(name: str) -> torch.dtype:
-    if name not in STORAGE_DTYPES:
-        raise ConfigError(f"--dtype {name!r}: choose one of {', '.join(STORAGE_DTYPES)}")
-    return STORAGE_DTYPES[name]
+    return STORAGE_DTYPES[storage_dtype_name(name)]
