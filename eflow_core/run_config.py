@@ -247,5 +247,39 @@ def resolve_run_config(
             notes.append(f"data.condition = text ({reason}; --condition label to override)")
     cfg = _validated(layers, converted, config, toml)
     report_notes(converted, notes)
+    check_plugin_option_flags(cfg, flags)
     check_run_config(cfg)
     return cfg
+
+
+# flags that set one plugin option: flag -> (registry kind, the RunConfig field naming the plugin, the CLI flag that chooses it)
+PLUGIN_OPTION_FLAGS = {
+    "data_root": ("dataset", "data.name", "--data"),
+    "reader": ("dataset", "data.name", "--data"),
+    "vae_path": ("autoencoder", "data.autoencoder", "--autoencoder"),
+}
+
+
+def check_plugin_option_flags(cfg: RunConfig, flags: Mapping[str, Any]) -> None:
+    """A flag that sets a plugin option (--data-root, --reader, --vae-path) given with a plugin that has no
+    such option: say which plugins take it, rather than the plugin's 'unknown field' for an option the
+    user never wrote."""
+    from eflow.registry import get_registry
+
+    for flag, (kind, field_path, chooser) in PLUGIN_OPTION_FLAGS.items():
+        if flags.get(flag) is None:
+            continue
+        option = TRAIN_FLAGS[flag].rsplit(".", 1)[1]
+        name = cfg.model_dump()
+        for key in field_path.split("."):
+            name = name[key]
+        registry = get_registry(kind)
+        takes = {
+            n for n in registry.names() if option in getattr(registry.get(n).options, "model_fields", {})
+        }
+        if name in registry.names() and name not in takes:
+            others = sorted(takes)
+            where = f"; it applies to {chooser} " + " or ".join(others) if others else ""
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} sets the {kind}'s `{option}` option, which {kind} '{name}' does not have{where}"
+            )

@@ -260,3 +260,14 @@ def test_set_refuses_list_items_and_empty_keys_with_the_whole_list_syntax():
         parse_assignments(["schedule.stages.0.drop_ratio=0.5"])
     with pytest.raises(ConfigError, match="the key must be a dotted field name"):
         parse_assignments(["=3"])
+
+
+def test_a_plugin_option_flag_with_a_plugin_without_that_option_names_the_flag_and_who_takes_it(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"--vae-path sets the autoencoder's `path` option.*--autoencoder wan"
+    ):
+        resolve_run_config(None, {"vae_path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"--data-root .* dataset 'shapes' does not have; .*video-folder"):
+        resolve_run_config(None, {"data_root": str(tmp_path)})
+    cfg = resolve_run_config(None, {"data": "video-folder", "data_root": str(tmp_path)})
+    assert cfg.data.options["root"] == str(tmp_path)
