@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -10,48 +11,75 @@ from torch import Tensor, nn
 
 from eflow.condition import Condition
 
+TOKENS_PER_DRAW = 4096  # rows drawn together: enough for this many tokens (rows_per_draw)
 
-def pass_seed(seed: int, pass_id: int) -> int:
-    """The seed of one pass's token-drop draw: a function of the step's seed and the pass (any int)."""
-    return (seed * 6_364_136_223_846_793_005 + (pass_id + 2**31) * 1_442_695_040_888_963_407) % (2**63 - 1)
+
+def rows_per_draw(grid: tuple[int, int, int]) -> int:
+    """Rows of the global batch that share one token-drop draw: 4096 // tokens, at least 1 (8 rows at
+    8x8x8 tokens, 1 at 32,760). It depends on the token grid alone, never on the number of GPUs."""
+    return max(1, TOKENS_PER_DRAW // math.prod(grid))
+
+
+def pass_seed(seed: int, pass_id: int, chunk: int) -> int:
+    """The seed of one token-drop draw: rows chunk * c ... (chunk + 1) * c - 1 of pass `pass_id` (any int)."""
+    mixed = (
+        seed * 6_364_136_223_846_793_005
+        + (pass_id + 2**31) * 1_442_695_040_888_963_407
+        + chunk * 2_654_435_761
+    )
+    return mixed % (2**63 - 1)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory, without waiting for the GPU's queue."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 @dataclass
 class DropPlan:
     """Token dropping for the middle stack: a token-drop plugin, a ratio, and the keys of its draws.
 
-    The kept tokens of a sample in a pass are row `rows[i]` of one draw for the step's whole global batch
-    (`global_batch` rows, on the CPU, seeded by pass_seed(seed, pass id)): they depend on the sample and
-    the pass, not on which rank holds the sample or which other passes share its model call, so one
-    process and N at the same global batch drop the same tokens (docs/scaling.md). `batch_start` is the
-    global row of this rank's first local row.
+    The kept tokens of global row r in a pass are row r mod c of the draw for rows c (r // c) ... of that
+    pass (c = rows_per_draw(grid); a CPU generator seeded by pass_seed(seed, pass id, r // c)): they depend
+    on the sample and the pass, not on which rank holds the sample or which passes share its model call,
+    so one process and N at the same global batch drop the same tokens (docs/scaling.md). A rank draws
+    only the chunks of its own rows: [batch_start, batch_start + local_batch) of the global batch.
     """
 
     selector: object  # has .select(grid, batch, ratio, generator) -> index [B, M]
     ratio: float
     seed: int = 0
-    global_batch: int | None = None
+    local_batch: int | None = None  # rows of this rank (None: read from the rows of each call)
     batch_start: int = 0
 
-    def keep(self, grid: tuple[int, int, int], rows: Tensor, pass_ids: Tensor) -> Tensor:
-        """[n, M] kept-token indices for rows [n] (global sample indices) of passes pass_ids [n] (long)."""
-        rows, pass_ids = rows.long().cpu(), pass_ids.long().cpu()
-        if not len(rows):
-            return self.selector.select(grid, 0, self.ratio, torch.Generator())
-        total = self.global_batch if self.global_batch is not None else int(rows.max()) + 1
-        if int(rows.min()) < 0 or int(rows.max()) >= total:
-            raise ValueError(
-                f"token-drop rows must lie in [0, {total}) (the global batch), got {rows.tolist()}"
+    def draw(self, grid: tuple[int, int, int], pass_id: int, lo: int, hi: int) -> Tensor:
+        """[hi - lo, M] kept-token indices of global rows lo ... hi - 1 of pass `pass_id` (on the CPU)."""
+        c = rows_per_draw(grid)
+        first, last = lo // c, (hi - 1) // c
+        chunks = [
+            self.selector.select(
+                grid, c, self.ratio, torch.Generator().manual_seed(pass_seed(self.seed, pass_id, k))
             )
+            for k in range(first, last + 1)
+        ]
+        return torch.cat(chunks)[lo - first * c : hi - first * c]
+
+    def keep(
+        self, grid: tuple[int, int, int], rows: Tensor, pass_ids: Tensor, span: tuple[int, int]
+    ) -> Tensor:
+        """[n, M] kept-token indices for rows [n] (global sample indices, on the model's device; no host
+        sync) of passes pass_ids [n] (CPU, long), all rows in [span[0], span[1]), on rows' device."""
+        lo, hi = span
         kept: Tensor | None = None
         for pass_id in pass_ids.unique().tolist():
-            mine = (pass_ids == pass_id).nonzero().squeeze(1)
-            generator = torch.Generator().manual_seed(pass_seed(self.seed, pass_id))
-            drawn = self.selector.select(grid, total, self.ratio, generator)  # [global batch, M]
+            table = to_device(self.draw(grid, pass_id, lo, hi), rows.device)
+            mine = to_device((pass_ids == pass_id).nonzero().squeeze(1), rows.device)
             if kept is None:
-                kept = drawn.new_empty((len(rows), drawn.shape[1]))
-            kept[mine] = drawn[rows[mine]]
-        return kept  # type: ignore[return-value]
+                kept = table.new_empty((len(rows), table.shape[1]))
+            kept[mine] = table[rows[mine] - lo]
+        if kept is None:  # no rows
+            return self.selector.select(grid, 0, self.ratio, torch.Generator()).to(rows.device)
+        return kept
 
 
 class Network:
@@ -76,19 +104,32 @@ class Network:
     ) -> Tensor | None:
         if self.drop is None or self.drop.ratio <= 0 or path != "full":
             return None
-        n = x_t.shape[0]
+        n, plan = x_t.shape[0], self.drop
         if rows is None:
-            # a pass of its own over its rows in batch order; negative ids keep clear of the keyed passes
+            if pass_id is not None:
+                raise ValueError("Network: `pass_id` needs `rows` (each row's index in the global batch)")
+            # a pass of its own over the rows in batch order, numbered from -1 down (clear of keyed passes);
+            # over the local batch (FM's one call) those are global rows batch_start, batch_start + 1, ...
             self._unkeyed_calls += 1
-            rows, pass_id = self.drop.batch_start + torch.arange(n), -self._unkeyed_calls
-        if pass_id is None:
+            start = (
+                plan.batch_start
+                if plan.local_batch in (None, n)
+                else plan.batch_start // plan.local_batch * n
+            )
+            rows, pass_id, span = torch.arange(start, start + n), -self._unkeyed_calls, (start, start + n)
+        elif pass_id is None:
             raise ValueError(
                 "Network: `rows` needs its `pass_id` (which of the step's passes each row is in)"
             )
-        pass_ids = torch.as_tensor(pass_id, dtype=torch.long)
+        elif plan.local_batch is not None:
+            span = (plan.batch_start, plan.batch_start + plan.local_batch)
+        else:  # no local batch given: the rows' own range (reads them on the host)
+            span = (int(rows.min()), int(rows.max()) + 1)
+        pass_ids = torch.as_tensor(pass_id, dtype=torch.long, device="cpu")
         if pass_ids.ndim == 0:
             pass_ids = pass_ids.expand(n)
-        return self.drop.keep(self.model.token_grid(x_t.shape), rows, pass_ids).to(x_t.device)
+        rows = to_device(rows, x_t.device) if rows.device.type == "cpu" else rows.to(x_t.device)
+        return plan.keep(self.model.token_grid(x_t.shape), rows, pass_ids, span)
 
     def _count(self, n: int, path: str, grad: bool) -> None:
         self.counts["weak" if path == "weak" else ("full_grad" if grad else "full_nograd")] += n
@@ -141,15 +182,18 @@ class Network:
         guidance: Tensor | None = None,
         path: str = "full",
         target: str = "online",
+        rows: Tensor | None = None,
+        pass_id: Tensor | int | None = None,
     ) -> Tensor:
-        """f(x_t, t, s) = x_t + (s - t) F; target="online" (grad if enabled), "sg" (online, no grad) or "ema"."""
+        """f(x_t, t, s) = x_t + (s - t) F; target="online" (grad if enabled), "sg" (online, no grad) or "ema";
+        rows and pass_id key the token drop as in __call__."""
         if target == "ema":
-            F = self.ema(x_t, t, s, cond, guidance, path)
+            F = self.ema(x_t, t, s, cond, guidance, path, rows, pass_id)
         elif target == "sg":
             with torch.no_grad():
-                F = self(x_t, t, s, cond, guidance, path)
+                F = self(x_t, t, s, cond, guidance, path, rows, pass_id)
         else:
-            F = self(x_t, t, s, cond, guidance, path)
+            F = self(x_t, t, s, cond, guidance, path, rows, pass_id)
         return solution_map(x_t, t, s, F)
 
 

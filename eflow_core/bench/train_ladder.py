@@ -205,7 +205,7 @@ def train_step(state: TrainState) -> None:
     """One optimizer step as Trainer.train_step takes it (loss under autocast, backward, clip, AdamW, EMA)."""
     drop = None
     if state.drop > 0:
-        drop = DropPlan(state.token_drop, state.drop, seed=state.seed + state.step)
+        drop = DropPlan(state.token_drop, state.drop, seed=state.seed + state.step, local_batch=len(state.x0))
     net = Network(state.model, state.ema.model, drop)
     info = StepInfo(step=state.step, total_steps=state.total_steps, mva_share=state.mva_share)
     device = state.x0.device

@@ -357,7 +357,9 @@ class Trainer:
         drop = None
         if ratio > 0:
             drop_seed = step_seed(cfg.train.seed, step) + 1
-            drop = DropPlan(self.token_drop, ratio, drop_seed, self.dp.size * rows, self.dp.rank * rows)
+            drop = DropPlan(
+                self.token_drop, ratio, drop_seed, local_batch=rows, batch_start=self.dp.rank * rows
+            )
         net = Network(self.model, self.ema.model, drop)
         info = StepInfo(
             step=step,
