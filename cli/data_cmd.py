@@ -83,7 +83,10 @@ def encode(
         int, typer.Option(min=1, help="dataset items per shard", rich_help_panel=OUTPUT)
     ] = 256,
     dtype: Annotated[
-        str, typer.Option(help="stored dtype: float32, bfloat16, float16 (or fp32, bf16, fp16)", rich_help_panel=OUTPUT)
+        str,
+        typer.Option(
+            help="stored dtype: float32, bfloat16, float16 (or fp32, bf16, fp16)", rich_help_panel=OUTPUT
+        ),
     ] = "float32",
     limit: Annotated[
         int | None,
