@@ -476,16 +476,18 @@ def build_config(
         raise ConfigError(format_validation_error(err, where, RunConfig)) from None
 
 
-def load_run_config(run_dir: str | Path, notes: list[str] | None = None) -> RunConfig:
+def load_run_config(run_dir: str | Path, notes: list[str] | None = None, train_flags: str = "") -> RunConfig:
     """The resolved config of a run directory: its newest checkpoint's config.json (what its weights were
     trained with), else the one written when the run started. A config.json from before [schedule] loads
-    with its stages converted (build_config; the note goes to `notes`)."""
+    with its stages converted (build_config; the note goes to `notes`). `train_flags`: what the error for
+    a directory without one suggests training with (a distillation teacher: an FM run)."""
     from eflow.run_dir import config_path
 
     path = config_path(run_dir)
     if not path.is_file():
+        flags = f"{train_flags} " if train_flags else ""
         raise ConfigError(
-            f"{run_dir} is not a run directory (no config.json); train one with `eflow train --out {run_dir}`"
+            f"{run_dir} is not a run directory (no config.json); train one with `eflow train {flags}--out {run_dir}`"
         )
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))

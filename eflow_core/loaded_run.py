@@ -34,6 +34,8 @@ class LoadedRun:
 def load_run(run_dir: str | Path, device: torch.device, weights: str = "ema") -> LoadedRun:
     """Rebuild the run in `run_dir` from config.json and load its weights onto `device`."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise EflowError(f"{run_dir} is a file; give the run directory `eflow train --out` wrote")
     if not run_dir.is_dir():
         raise EflowError(f"run directory not found: {run_dir}")
     if weights not in ("ema", "model"):

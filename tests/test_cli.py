@@ -215,3 +215,11 @@ def test_out_of_range_values_are_usage_errors_not_tracebacks(args, tmp_path):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "x")], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert not isinstance(result.exception, (ValueError, RuntimeError)), result.exception
+
+
+def test_a_file_given_as_run_directory_and_a_missing_teacher_say_what_to_give(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nsteps = 2\n")
+    assert_clean_error(run("sample", config), "is a file; give the run directory")
+    result = run("distill", "--teacher", tmp_path / "none", "--out", tmp_path / "student")
+    assert_clean_error(result, "eflow train --objective fm --attn softmax --token-drop none --out")

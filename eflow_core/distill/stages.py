@@ -27,7 +27,7 @@ from torch import nn
 from eflow.assembly import build_parts, resolve_device
 from eflow.atomic import atomic_write_text
 from eflow.config import SHAPE_FIELDS, RunConfig, build_config, load_run_config, parse_assignments
-from eflow.distill.teacher import check_compatible, check_velocity_teacher, load_teacher
+from eflow.distill.teacher import TEACHER_FLAGS, check_compatible, check_velocity_teacher, load_teacher
 from eflow.distill.tiles import TileSearch, calibration_batches, search_tiles, tile_candidates
 from eflow.errors import EflowError
 from eflow.run_dir import CONFIG
@@ -253,7 +253,7 @@ def attention_stage(
     return student_stage(
         "attention",
         teacher_dir,
-        load_run_config(teacher_dir),
+        load_run_config(teacher_dir, train_flags=TEACHER_FLAGS),
         init_dir,
         out,
         console=console,
@@ -286,7 +286,7 @@ def mlcd_stage(
     `eflow distill`) from the teacher's Euler + CFG trajectory split into `segments` segments. The
     student samples with `segment` (one jump per segment) at `guidance`, the CFG scale it learned."""
     teacher_dir = Path(teacher_dir)
-    teacher_cfg = load_run_config(teacher_dir)
+    teacher_cfg = load_run_config(teacher_dir, train_flags=TEACHER_FLAGS)
     check_velocity_teacher(teacher_cfg, f"teacher {teacher_dir}")
     opts = {"w_min": guidance, "w_max": guidance, **(options or {})}
     opts.update(teacher=str(teacher_dir.resolve()), segments=segments, shift=shift)

@@ -46,6 +46,9 @@ def trained_sampler(cfg: RunConfig) -> str:
     return sampler_name(cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"sampler": None})}))
 
 
+TEACHER_FLAGS = "--objective fm --attn softmax --token-drop none"  # what a teacher is trained with
+
+
 def check_velocity_teacher(cfg: RunConfig, where: str = "teacher") -> None:
     """Refuse a teacher whose network is not a velocity field (an SFM run, a distilled student)."""
     sampler = trained_sampler(cfg)
@@ -125,7 +128,7 @@ def load_teacher(
     from eflow.loaded_run import load_run
 
     run_dir = Path(run_dir)
-    check_velocity_teacher(load_run_config(run_dir), f"teacher {run_dir}")
+    check_velocity_teacher(load_run_config(run_dir, train_flags=TEACHER_FLAGS), f"teacher {run_dir}")
     run = load_run(run_dir, device, weights)
     model = run.parts.model.requires_grad_(False).eval()
     return Teacher(run_dir, run.cfg, model, run.step, run.parts if keep_parts else None)
