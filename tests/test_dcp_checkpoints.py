@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -248,13 +249,25 @@ def worker(out: Path, ranks: int) -> None:
     torch.distributed.destroy_process_group()
 
 
-def torchrun(out: Path, ranks: int) -> None:
+# One rank of the 4-rank run sometimes dies with this C++ abort (SIGABRT, nothing else printed) on an
+# oversubscribed 2-core machine: 1 run in 4 to 6 with two busy processes beside it, at 00a8a2d as at
+# later commits, once in a plain `make test`. Gloo's worker threads are known to abort like this when a
+# process is torn down with work in flight (pytorch/pytorch#190489, #179291). It is retried once from a
+# fresh copy with a warning; any other failure, or the same one twice, fails the test.
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def torchrun(out: Path, ranks: int, before_retry=None) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone",
         __file__, str(out), str(ranks),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode != 0 and before_retry is not None and GLOO_ABORT in proc.stderr:
+        warnings.warn(f"{ranks} gloo ranks: a rank aborted ({GLOO_ABORT!r}); retrying once", stacklevel=2)
+        before_retry()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -381,8 +394,13 @@ def test_a_2_rank_checkpoint_reshards_over_4_ranks(two_ranks, tmp_path):
     """4 FSDP ranks resume the 2-rank step-2 checkpoint: each rank reads the pieces of its own quarter,
     and the state gathered back is the export's bit for bit; the run goes on and commits a 4-rank
     checkpoint, which one process loads. (4 gloo processes on 2 cores: slow, but DCP's resharding.)"""
+
+    def fresh_copy():
+        shutil.rmtree(two_ranks / "four")
+        copy_step_2(two_ranks, two_ranks / "four")
+
     copy_step_2(two_ranks, two_ranks / "four")
-    torchrun(two_ranks, 4)
+    torchrun(two_ranks, 4, before_retry=fresh_copy)
     exported = tmp_path / "exported"
     export_step_2(two_ranks, exported)
     assert_matches_export(torch.load(two_ranks / "four_resumed.pt", weights_only=True), exported)
