@@ -22,7 +22,7 @@ def preview(
     data_root: Annotated[
         str | None, typer.Option(help="the dataset's folder or manifest (video-folder, captions)")
     ] = None,
-    num: Annotated[int, typer.Option(help="number of clips", min=1)] = 8,
+    num: Annotated[int, typer.Option("--num", "-n", help="number of clips", min=1)] = 8,
     frames: Annotated[int, typer.Option(help="frames per clip", min=1)] = 16,
     size: Annotated[str, typer.Option(help="N or HxW pixels")] = "64",
     seed: Annotated[int, typer.Option(help="dataset seed", min=0)] = 0,

@@ -51,7 +51,9 @@ FEATURES = "Features and real data"
 def run_eval(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `eflow train`")],
     metric: Annotated[str, typer.Option(help="comma-separated metrics: fvd, accuracy")] = "fvd,accuracy",
-    num: Annotated[int, typer.Option(help="real clips and generated clips (FVD standard: 2048)")] = 2048,
+    num: Annotated[
+        int, typer.Option("--num", "-n", help="real clips and generated clips (FVD standard: 2048)")
+    ] = 2048,
     extractor: Annotated[
         str, typer.Option(help=f"FVD features: {choices('feature_extractor')}", rich_help_panel=FEATURES)
     ] = "indomain",

@@ -223,3 +223,13 @@ def test_a_file_given_as_run_directory_and_a_missing_teacher_say_what_to_give(tm
     assert_clean_error(run("sample", config), "is a file; give the run directory")
     result = run("distill", "--teacher", tmp_path / "none", "--out", tmp_path / "student")
     assert_clean_error(result, "eflow train --objective fm --attn softmax --token-drop none --out")
+
+
+def test_num_has_the_same_short_flag_everywhere(tmp_path):
+    result = runner.invoke(
+        app, ["data", "preview", "-n", "2", "--frames", "2", "--size", "8", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "clip 1" in result.output and "clip 2" not in result.output
+    for command in (["sample"], ["eval", "run"]):
+        assert "-n" in runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
