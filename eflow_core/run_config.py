@@ -252,11 +252,12 @@ def resolve_run_config(
     return cfg
 
 
-# flags that set one plugin option: flag -> (registry kind, the RunConfig field naming the plugin, the CLI flag that chooses it)
+# flags that set one plugin option: flag -> (registry kind, the data-section field naming the plugin, the
+# CLI flag that chooses it)
 PLUGIN_OPTION_FLAGS = {
-    "data_root": ("dataset", "data.name", "--data"),
-    "reader": ("dataset", "data.name", "--data"),
-    "vae_path": ("autoencoder", "data.autoencoder", "--autoencoder"),
+    "data_root": ("dataset", "name", "--data"),
+    "reader": ("dataset", "name", "--data"),
+    "vae_path": ("autoencoder", "autoencoder", "--autoencoder"),
 }
 
 
@@ -266,13 +267,11 @@ def check_plugin_option_flags(cfg: RunConfig, flags: Mapping[str, Any]) -> None:
     user never wrote."""
     from eflow.registry import get_registry
 
-    for flag, (kind, field_path, chooser) in PLUGIN_OPTION_FLAGS.items():
+    for flag, (kind, field, chooser) in PLUGIN_OPTION_FLAGS.items():
         if flags.get(flag) is None:
             continue
         option = TRAIN_FLAGS[flag].rsplit(".", 1)[1]
-        name = cfg.model_dump()
-        for key in field_path.split("."):
-            name = name[key]
+        name = getattr(cfg.data, field)
         registry = get_registry(kind)
         takes = {
             n for n in registry.names() if option in getattr(registry.get(n).options, "model_fields", {})

@@ -347,26 +347,24 @@ class Trainer:
         # torch's RNG: seeded alike on every rank, and the objectives draw for the global batch and keep
         # their rows (StepInfo.share); the token-drop plan keys its draws by global row and pass. So a
         # sample's noise, times, groups and kept tokens do not depend on the number of GPUs (docs/scaling.md).
-        torch.manual_seed(step_seed(cfg.train.seed, step))
+        seed = step_seed(cfg.train.seed, step)
+        torch.manual_seed(seed)
         raw = self._next_batch(step)
         x0 = self._x0(raw)
         cond = self.parts.conditioner(raw, self.device)
         stage_index, stage = cfg.schedule.stage_at(step, cfg.train.steps)
         ratio = self.token_drop.effective_ratio(cfg.schedule.drop_ratio_at(step, cfg.train.steps))
-        rows = x0.shape[0]
+        rows, start = x0.shape[0], self.dp.rank * x0.shape[0]  # this rank's rows of the global batch
         drop = None
         if ratio > 0:
-            drop_seed = step_seed(cfg.train.seed, step) + 1
-            drop = DropPlan(
-                self.token_drop, ratio, drop_seed, local_batch=rows, batch_start=self.dp.rank * rows
-            )
+            drop = DropPlan(self.token_drop, ratio, seed + 1, local_batch=rows, batch_start=start)
         net = Network(self.model, self.ema.model, drop)
         info = StepInfo(
             step=step,
             total_steps=cfg.train.steps,
             mva_share=stage.mva_share,
             stage=stage_index,
-            batch_start=self.dp.rank * rows,
+            batch_start=start,
             global_batch=self.dp.size * rows,
         )
         for group in self.optimizer.param_groups:
