@@ -108,9 +108,8 @@ def training_need(
     return MemoryNeed(
         "training",
         {
-            # weights, gradients and AdamW's moments (16 bytes) are split over `shards` ranks under FSDP;
-            # the EMA copy (4 bytes) stays whole on every rank
-            "weights + EMA + gradients + AdamW moments": (16 * _params(model)) // shards + 4 * _params(model),
+            # weights, EMA, gradients and AdamW's moments are split over `shards` ranks under FSDP
+            "weights + EMA + gradients + AdamW moments": (20 * _params(model)) // shards,
             "one batch of clips": batch_size * 3 * math.prod(clip_shape) * 4,
             "activations kept for backward": batch_size
             * act_bytes

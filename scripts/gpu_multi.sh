@@ -9,8 +9,10 @@
 #           (batch 4 each): median it/s after the warm-up steps, peak memory, the losses side by side;
 #           FSDP_FLAGS adds flags to the 2-GPU run (e.g. "--set parallel.fsdp_reshard_after_forward=true")
 #   fsdp_sfm  the EFlow recipe under FSDP gathered once per step (ranks make different model calls; on
-#           torch 2.11 the unused-parameter zero gradients of eflow.parallel.fsdp): that it runs, and its
-#           losses against one GPU's (within noise: the draws depend on the rank)
+#           torch 2.11 the unused-parameter zero gradients of eflow.parallel.fsdp) with the sharded EMA
+#           (gathered for MVA's targets and rank 0's previews, saved through DCP): that it runs, its
+#           speed and peak memory, and its losses against one GPU's (the draws do not depend on the
+#           world size, so they differ by bf16 rounding only)
 #   encode  `eflow data encode` with a random-weight Wan 2.1 VAE (the real architecture, no weights
 #           needed for timing) on 256 shapes clips of 33 x 256 x 256: one process against torchrun on
 #           two; the shards must be byte-identical
@@ -71,15 +73,18 @@ EOF
   ;;
 fsdp_sfm)
   echo "== fsdp_sfm: the EFlow recipe (pdg-sfm + MVA, GLGA, SPRINT) at B under FSDP gathered once per step" | tee -a "$SUM"
-  FLAGS="--preset B --size 32 --frames 8 --batch-size 16 --steps 30 --set train.preview_every=0 --set train.save_every=0"
+  # previews at step 10 and 20 and a checkpoint at 15: the sharded EMA gathered for rank 0, and saved through DCP
+  FLAGS="--preset B --size 32 --frames 8 --batch-size 16 --steps 30 --set train.preview_every=10 --set train.save_every=15"
   $EFLOW train $FLAGS --out /tmp/sfm1 --overwrite > "$DEST/fsdp_sfm1.log" 2>&1; echo "1 GPU rc $?" | tee -a "$SUM"
   $TORCHRUN train $FLAGS --fsdp --out /tmp/sfm2 --overwrite > "$DEST/fsdp_sfm2.log" 2>&1; echo "2 GPUs rc $?" | tee -a "$SUM"
   python3 - <<'EOF' 2>&1 | tee -a "$SUM"
 import json
 runs = {n: [json.loads(l) for l in open(f"/tmp/{n}/metrics.jsonl")] for n in ("sfm1", "sfm2")}
 for n, rs in runs.items():
-    print(f"{n}: {len(rs)} steps, last loss {rs[-1]['loss']:.4f}, mean of the last 10 {sum(r['loss'] for r in rs[-10:]) / 10:.4f}")
+    print(f"{n}: {len(rs)} steps, last loss {rs[-1]['loss']:.4f}, mean of the last 10 {sum(r['loss'] for r in rs[-10:]) / 10:.4f}, "
+          f"median it/s {sorted(r['it_s'] for r in rs[5:])[len(rs[5:]) // 2]:.2f}, peak {max(r.get('mem_gb', 0) for r in rs):.2f} GiB")
 EOF
+  ls /tmp/sfm2/samples /tmp/sfm2/checkpoints 2>&1 | tee -a "$SUM"
   ;;
 encode)
   echo "== encode: random-weight Wan 2.1 VAE, 256 shapes clips of 33 x 256 x 256, shards of 16" | tee -a "$SUM"

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import losses, tiny_config
+from torch.distributed.checkpoint import FileSystemReader
 from typer.testing import CliRunner
 
 from eflow.cli.app import app
@@ -165,7 +166,7 @@ def gathered(trainer: Trainer) -> dict:
     saved = trainer.optimizer.state_dict()
     return {
         "model": {name: whole(value) for name, value in trainer.model.state_dict().items()},
-        "ema": {name: value.clone() for name, value in trainer.ema.model.state_dict().items()},
+        "ema": {name: whole(value) for name, value in trainer.ema.model.state_dict().items()},
         "optimizer": {
             "state": {i: {k: whole(v) for k, v in saved["state"][i].items()} for i in sorted(saved["state"])},
             "param_groups": saved["param_groups"],
@@ -285,7 +286,7 @@ def reference(two_ranks) -> dict:
 
 
 @pytest.mark.slow
-def test_fsdp_saves_each_ranks_shards_and_the_ema_once(two_ranks):
+def test_fsdp_saves_each_ranks_shards_of_model_and_ema(two_ranks):
     run = two_ranks / "fsdp"
     assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002", "step_00000004"]
     latest = checkpoint_dirs(run)[-1]
@@ -301,6 +302,13 @@ def test_fsdp_saves_each_ranks_shards_and_the_ema_once(two_ranks):
     params = sum(v.numel() for v in load_run(run, CPU).parts.model.state_dict().values())
     stored = sum(manifest["files"][name]["bytes"] for name in shards)
     assert 4 * 4 * params < stored < 4.5 * 4 * params
+    # the EMA is sharded like the model: each rank wrote its half of every weight
+    metadata = FileSystemReader(latest / "dcp").read_metadata().state_dict_metadata
+    for part in ("model", "ema"):
+        weights = [
+            item for key, item in metadata.items() if key.startswith(f"{part}.") and key.endswith("weight")
+        ]
+        assert weights and all(len(item.chunks) == 2 for item in weights if item.size[0] > 1), part
 
 
 @pytest.mark.slow

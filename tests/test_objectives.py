@@ -330,6 +330,31 @@ def test_weak_path_calls_no_middle_block():
     assert model.middle_calls == 3
 
 
+class NoEMA(nn.Module):
+    """An EMA that fails when called."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the objective called the EMA")
+
+
+@pytest.mark.parametrize("name", ["fm", "sfm", "pdg-sfm"])
+def test_ema_passes_declares_whether_a_step_calls_the_ema(name):
+    """Under FSDP the trainer gathers the sharded EMA for a step only if the objective declares
+    ema_passes: fm must never call it; the SFM family with MVA does."""
+    declared = objectives().get(name).capability("ema_passes")
+    assert declared == (name != "fm")
+    torch.manual_seed(0)
+    obj = make(name, **({} if name == "fm" else {"mva": True}))
+    x0, cond = torch.randn(16, 2, 1, 1, 1), labels_cond(torch.arange(16) % 4)
+    info = StepInfo(0, 100, mva_share=0.5)
+    net = Network(ToyModel(hidden=8, depth=3), NoEMA())
+    if declared:
+        with pytest.raises(AssertionError, match="called the EMA"):
+            obj.loss(net, {"x0": x0, "cond": cond}, info)
+    else:
+        obj.loss(net, {"x0": x0, "cond": cond}, info).loss.backward()
+
+
 def pdg_step(name: str, batch: int = 64, **options):
     torch.manual_seed(0)
     model = ToyModel(hidden=16, depth=3, record=True)

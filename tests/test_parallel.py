@@ -13,8 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from test_eval import i3d_file  # noqa: F401  (a tiny TorchScript I3D)
 from test_train import losses, tiny_config
 
 from eflow.condition import Condition
@@ -27,6 +30,7 @@ from eflow.parallel.parallelize import model_blocks, parallelize
 from eflow.run_dir import checkpoint_dirs
 from eflow.train import checkpoint
 from eflow.train.distributed import World
+from eflow.train.metrics import read_metrics
 from eflow.train.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -234,6 +238,18 @@ def run_config(out: Path, name: str):
     cfg = tiny_config(out / name, steps=4, save_every=2, threads=1)
     cfg.objective.name, cfg.objective.options = objective, {"mva": True} if objective == "pdg-sfm" else {}
     cfg.parallel = ParallelSection(**parallel)
+    if name in ("dp", "fsdp"):  # rank 0 validates and previews the EMA, which FSDP shards
+        cfg.train.preview_every = 2
+        cfg.validation = cfg.validation.model_validate(
+            {
+                "every": 2,
+                "num": 4,
+                "batch_size": 2,
+                "metrics": ["fvd"],
+                "extractor": "i3d",
+                "extractor_options": {"path": os.environ["EFLOW_TEST_I3D"], "frames": 2},
+            }
+        )
     return cfg
 
 
@@ -341,34 +357,48 @@ def fsdp_worker(out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The online weights of the run's last checkpoint, whole (read in one process if sharded)."""
-    return checkpoint.read_weights(checkpoint_dirs(run_dir)[-1], "model")[0]
+def final_weights(run_dir: Path, which: str = "model") -> dict[str, torch.Tensor]:
+    """The online ("model") or EMA ("ema") weights of the run's last checkpoint, whole (read in one
+    process if sharded)."""
+    return checkpoint.read_weights(checkpoint_dirs(run_dir)[-1], which)[0]
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path):
+def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path, i3d_file):  # noqa: F811
     """torchrun, 2 gloo processes, batch 4: FSDP2 (gathered once per step, with ac = full) logs the losses
     and saves the weights of the hand-written all-reduce path, on the EFlow recipe, whose ranks make
     different model calls; its sharded checkpoint, read whole, holds the same weights and AdamW moments
     in the unsharded layout; a run aborted after its step-2 checkpoint resumes to the same losses; fm
     with per-block gathering matches too; per-block gathering with pdg-sfm is refused; ranks that run the
     middle stack 0 and 2 times reduce like the all-reduce, with FSDP2's unused-parameter flag and without
-    it (zero gradients, as on torch 2.11). (Against a 1-process run the losses differ: the recipe drops
-    tokens, and the token-drop plan is drawn per rank.)"""
+    it (zero gradients, as on torch 2.11). The EMA, sharded like the model, ends equal too, and rank 0's
+    validation and previews of it match the all-reduce path's. (Against a 1-process run the losses
+    differ: the recipe drops tokens, and the token-drop plan is drawn per rank.)"""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         __file__, str(tmp_path),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EFLOW_TEST_I3D": str(i3d_file)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "dp"), rel=1e-5)
-    dp, fsdp = final_weights(tmp_path / "dp"), final_weights(tmp_path / "fsdp")
-    assert dp.keys() == fsdp.keys()
-    for name in dp:
-        torch.testing.assert_close(fsdp[name], dp[name], rtol=1e-5, atol=1e-6, msg=name)
+    validated = [
+        {r["step"]: r["val_fvd"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "val_fvd" in r}
+        for run in ("dp", "fsdp")
+    ]
+    assert list(validated[1]) == [1, 3]
+    assert validated[1] == pytest.approx(validated[0], rel=1e-4)
+    for step in (2, 4):
+        png = [Image.open(tmp_path / run / "samples" / f"step_{step:07d}.png") for run in ("dp", "fsdp")]
+        previews = [np.asarray(image.convert("RGB"), dtype=np.int16) for image in png]
+        assert previews[1].shape == previews[0].shape
+        assert np.abs(previews[1] - previews[0]).max() <= 1, f"preview of step {step}"
+    for which in ("model", "ema"):  # the EMA sharded like the model, each rank updating its shard
+        dp, fsdp = final_weights(tmp_path / "dp", which), final_weights(tmp_path / "fsdp", which)
+        assert dp.keys() == fsdp.keys()
+        for name in dp:
+            torch.testing.assert_close(fsdp[name], dp[name], rtol=1e-5, atol=1e-6, msg=f"{which} {name}")
     optimizers = [
         checkpoint.read_trainer_state(checkpoint_dirs(tmp_path / run)[-1])["optimizer"]
         for run in ("dp", "fsdp")
@@ -405,9 +435,9 @@ if __name__ == "__main__":  # a rank of test_fsdp_on_two_gloo_processes_trains_l
     fsdp_worker(Path(sys.argv[1]))
 
 
-def test_the_training_need_splits_the_sharded_state_but_not_the_ema(tiny_model):
+def test_the_training_need_splits_the_sharded_state_ema_included(tiny_model):
     params = sum(p.numel() for p in tiny_model.parameters())
     key = "weights + EMA + gradients + AdamW moments"
     whole = training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False).parts[key]
     sharded = training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False, shards=4).parts[key]
-    assert whole == 20 * params and sharded == (16 * params) // 4 + 4 * params
+    assert whole == 20 * params and sharded == (20 * params) // 4

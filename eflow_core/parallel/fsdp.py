@@ -15,16 +15,22 @@ reduce-scattered in fp32. Two ways to run a step (parallel.fsdp_reshard_after_fo
   them again in backward and reduce-scatters its gradient as backward leaves it. Least memory (ZeRO-3),
   but collectives per model call: every rank must make the same calls in the same order (fm does).
 
-The EMA stays a full copy on every rank (eflow.train.ema gathers the weights to update it), so the
-objectives' EMA passes and the previews need no collective. Checkpoints are sharded: every rank
-writes its shards through torch.distributed.checkpoint (eflow.train.checkpoint.save_sharded_checkpoint)
-and a resume reshards them over any world size; a full checkpoint (data parallelism, one process, or
-`eflow export`) resumes under FSDP too: every rank loads it whole and keeps its shards
-(`shard_optimizer_state`), so a run moves between FSDP, data parallelism and world sizes by its
-checkpoint.
+The EMA shards like the model (`shard_model` with its weights gathered only on request): its fp32 copy
+is split over the ranks, and each rank updates its own shard from the online model's (no communication,
+eflow.train.ema). An objective that calls the EMA in its steps (capability `ema_passes`, the SFM family)
+has the EMA gathered by `begin_step`, in the same fixed order on every rank, and freed by `end_forward`
+before backward; previews and validation gather it on every rank (`gathered`) and run on rank 0.
+Checkpoints are sharded: every rank writes its shards through torch.distributed.checkpoint
+(eflow.train.checkpoint.save_sharded_checkpoint) and a resume reshards them over any world size; a
+full checkpoint (data parallelism, one process, or `eflow export`) resumes under FSDP too: every rank
+loads it whole and keeps its shards (`shard_optimizer_state`), so a run moves between FSDP, data
+parallelism and world sizes by its checkpoint.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -70,23 +76,67 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-class ShardedStep:
-    """What the trainer calls around a step of a model that `shard_model` sharded."""
+def _units(model: nn.Module) -> list[nn.Module]:
+    """The sharded modules of a model `shard_model` sharded, in one fixed order on every rank."""
+    return [model, *model_blocks(model)]
 
-    def __init__(self, model: nn.Module, *, reshard_after_forward: bool):
-        if not is_sharded(model):
-            raise TypeError("ShardedStep needs a model sharded by shard_model")
+
+def gather_weights(model: nn.Module) -> None:
+    """All-gather every block's weights and keep them gathered (a collective: every rank calls); the
+    model's calls make none until `release_weights`."""
+    handles = [module.unshard(async_op=True) for module in _units(model)]
+    for handle in handles:
+        handle.wait()
+
+
+def release_weights(model: nn.Module) -> None:
+    """Free the gathered weights (`gather_weights`), back to this rank's shards; no communication."""
+    for module in _units(model):
+        module.reshard()
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with its weights gathered on every rank (all ranks enter), so one rank may run it alone."""
+    gather_weights(model)
+    try:
+        yield model
+    finally:
+        release_weights(model)
+
+
+class ShardedStep:
+    """What the trainer calls around a step of a model that `shard_model` sharded; `ema`, the EMA sharded
+    alike (gathered for the step's EMA passes when `ema_passes`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        reshard_after_forward: bool,
+        ema: nn.Module | None = None,
+        ema_passes: bool = False,
+    ):
+        if not is_sharded(model) or (ema is not None and not is_sharded(ema)):
+            raise TypeError("ShardedStep needs a model (and EMA) sharded by shard_model")
         self.model = model
+        self.ema = ema if ema_passes else None  # the EMA to gather for the step
         self.once_per_step = not reshard_after_forward
         self.zero_unused = self.once_per_step and not has_unused_params_flag(model)
-        self.modules = [model, *model_blocks(model)]  # one fixed order on every rank
+        self.modules = _units(model)
 
     def begin_step(self) -> None:
-        """Gather every block's weights for the step (gather once per step; else a no-op)."""
+        """Gather every block's weights for the step (gather once per step), and the EMA's if the
+        objective calls it; same order on every rank."""
         if self.once_per_step:
-            handles = [module.unshard(async_op=True) for module in self.modules]
-            for handle in handles:
-                handle.wait()
+            gather_weights(self.model)
+        if self.ema is not None:
+            gather_weights(self.ema)
+
+    def end_forward(self) -> None:
+        """After the objective's passes, before backward: free the gathered EMA."""
+        if self.ema is not None:
+            release_weights(self.ema)
 
     def reduce_gradients(self) -> None:
         """After backward: reduce-scatter every block's gradient (averaged over ranks, fp32) into its

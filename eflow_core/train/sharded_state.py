@@ -2,9 +2,8 @@
 
 One DCP state dict of three parts: "model" and "optim" as DCP's get_state_dict gives them (keyed by
 parameter name; under FSDP2 a rank holds DTensor shards and writes only those) and "ema", the EMA's
-state dict, which every rank holds whole: DCP's save planner writes a tensor that several ranks hold
-only once, spreading such tensors over the ranks' files, so the EMA is stored once however many ranks
-save it.
+state dict, sharded like the model under FSDP2. A tensor that several ranks hold whole (a buffer, or
+an EMA written before it was sharded) DCP's save planner writes only once.
 
 Loading reshards: `load_state` hands each rank the pieces of its own shards, whatever world size wrote
 them; `read_part` reads one part whole into plain CPU tensors in a single process, without a process

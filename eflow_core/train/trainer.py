@@ -240,7 +240,8 @@ class Trainer:
 
     def _parallelize(self) -> None:
         """cfg.parallel on the online model (activation checkpointing, per-block compile, FSDP2 under
-        torchrun) and, for speed, compile on the EMA copy, which stays whole and unsharded."""
+        torchrun) and on the EMA copy compile and FSDP2 (no gradients to checkpoint; its sequence stays
+        whole: the EMA passes and the previews run it on full clips)."""
         p = self.cfg.parallel
         same_calls = (
             get_registry("objective").get(self.cfg.objective.name).capability("same_calls_every_rank")
@@ -254,18 +255,26 @@ class Trainer:
         bf16 = self.precision == "bf16"
         mesh = sequence_mesh(self.world, p.sp, self.device.type) if p.sp > 1 else None
         self.model = parallelize(self.model, p, self.world, self.device, bf16=bf16, mesh=mesh)
-        # the EMA stays whole and unsplit: previews and validation run it on rank 0 alone
+        # under FSDP the EMA shards like the model, its weights gathered only for the step's EMA passes
+        # and for rank 0's previews and validation (eflow.parallel.fsdp)
         self.ema.model = parallelize(
             self.ema.model,
-            p.model_copy(update={"ac": "off", "fsdp": False, "sp": 1}),
+            p.model_copy(update={"ac": "off", "sp": 1, "fsdp_reshard_after_forward": False}),
             self.world,
             self.device,
+            bf16=bf16,
         )
         self.sharded = None
         if p.fsdp and self.world.size > 1:
             from eflow.parallel.fsdp import ShardedStep
 
-            self.sharded = ShardedStep(self.model, reshard_after_forward=p.fsdp_reshard_after_forward)
+            ema_passes = get_registry("objective").get(self.cfg.objective.name).capability("ema_passes")
+            self.sharded = ShardedStep(
+                self.model,
+                reshard_after_forward=p.fsdp_reshard_after_forward,
+                ema=self.ema.model,
+                ema_passes=ema_passes,
+            )
 
     def _check_memory(self) -> None:
         """Refuse clip sizes and batches that cannot fit the device (a lower bound, before allocating)."""
@@ -379,6 +388,8 @@ class Trainer:
         )
         with autocast:
             out = self.objective.loss(net, {"x0": x0, "cond": cond}, info)
+        if self.sharded is not None:
+            self.sharded.end_forward()
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         clip = cfg.train.grad_clip
@@ -469,10 +480,22 @@ class Trainer:
                 shutil.rmtree(aside, ignore_errors=True)
         self._aside = []
 
+    def _ema_whole(self):
+        """A context in which rank 0 may run the EMA alone: under FSDP every rank gathers its weights
+        (every rank enters); else nothing to do."""
+        if self.sharded is None:
+            return nullcontext()
+        from eflow.parallel.fsdp import gathered
+
+        return gathered(self.ema.model)
+
     def preview(self, step: int) -> Path | None:
-        """A PNG frame grid of EMA samples (one row per class) under samples/."""
-        if not self.world.is_main:
-            return None
+        """A PNG frame grid of EMA samples (one row per class) under samples/, written by rank 0 (every
+        rank calls)."""
+        with self._ema_whole():
+            return self._preview(step) if self.world.is_main else None
+
+    def _preview(self, step: int) -> Path:
         cfg = self.cfg
         num = min(cfg.sample.num, 8)
         if self.parts.num_classes is not None:
@@ -528,8 +551,13 @@ class Trainer:
 
     def validate(self, step: int) -> dict[str, float]:
         """eflow eval's core on the EMA weights after `step` steps (cfg.validation): val_fvd and/or
-        val_accuracy, and val_s, the seconds it took. Sampling draws from its own seeded generators and
-        every training step reseeds the global RNG, so a run with validation trains exactly as one without."""
+        val_accuracy, and val_s, the seconds it took, on rank 0 (every rank calls; the others get {}).
+        Sampling draws from its own seeded generators and every training step reseeds the global RNG, so
+        a run with validation trains exactly as one without."""
+        with self._ema_whole():
+            return self._validate(step) if self.world.is_main else {}
+
+    def _validate(self, step: int) -> dict[str, float]:
         from eflow.eval.evaluate import evaluate_run
 
         run = LoadedRun(
@@ -613,7 +641,7 @@ class Trainer:
                     last_loss = record["loss"]
                     now = time.perf_counter()
                     record.update(step=step, it_s=1.0 / max(now - t_last, 1e-9), time=time.time())
-                    if main and cfg.validation.every and done % cfg.validation.every == 0:
+                    if cfg.validation.every and done % cfg.validation.every == 0:
                         record.update(self.validate(done))  # after it_s: its time is not the step's
                     t_last = time.perf_counter()
                     if log is not None and (step % cfg.train.log_every == 0 or done == total):
@@ -645,10 +673,9 @@ class Trainer:
                 log.close()
             self._batch_iter = None  # stops the loader's workers
         self.save(total)
-        if main:
-            self.preview(total)
-            if self.skips.summary():
-                self.console.print(f"[yellow]data:[/] {self.skips.summary()} (see the warnings above)")
+        self.preview(total)
+        if main and self.skips.summary():
+            self.console.print(f"[yellow]data:[/] {self.skips.summary()} (see the warnings above)")
         barrier(self.world)
         shutdown(self.world)
         return TrainResult(self.run_dir, total, last_loss, self.skips.counts())

@@ -152,4 +152,5 @@ def register_objectives(register):
         options=FMOptions,
         default_sampler="euler",
         same_calls_every_rank=True,  # one full pass with gradient per sample, always
+        ema_passes=False,
     )

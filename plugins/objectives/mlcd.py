@@ -334,4 +334,5 @@ def register_objectives(register):
         options=AttnDistillOptions,
         default_sampler="euler",
         same_calls_every_rank=True,
+        ema_passes=False,  # the teacher's passes, never the EMA's
     )
