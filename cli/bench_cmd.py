@@ -308,6 +308,21 @@ def train_ladder(
         int | None, typer.Option(help="batch size (default: the config's, 8)", rich_help_panel=CONFIG)
     ] = None,
     set_: SetOption = None,
+    ac: Annotated[
+        str | None,
+        typer.Option(
+            help="activation checkpointing as in eflow train: off, full, selective", rich_help_panel=CONFIG
+        ),
+    ] = None,
+    compile_: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile every block (online and EMA), as eflow train --compile; compilation falls in "
+            "the warm-up steps",
+            rich_help_panel=CONFIG,
+        ),
+    ] = None,
     steps: Annotated[
         int, typer.Option(help="timed optimizer steps per rung (median)", rich_help_panel=TIMING)
     ] = 10,
@@ -329,7 +344,8 @@ def train_ladder(
 
     with user_errors():
         flags = dict(preset=preset, frames=frames, size=size, autoencoder=autoencoder, vae_path=vae_path)
-        base = ladder_base(config, {**flags, "batch_size": batch_size}, set_, grid, tokens)
+        flags.update(batch_size=batch_size, ac=ac, compile_=compile_)
+        base = ladder_base(config, flags, set_, grid, tokens)
         rungs = train_rungs(rung)
         spec = TrainLadderSpec(base, rungs, steps=steps, warmup=warmup, device=device, dtype=dtype, seed=seed)
         document = _run(TRAIN_LADDER, spec, run_train_ladder, len(rungs), "train {0.name}", out)

@@ -197,6 +197,26 @@ def test_an_out_of_memory_rung_is_recorded_and_the_ladder_goes_on(tmp_path, monk
     assert records[2]["it_s"] > 0 and records[2]["speedup"] > 0
 
 
+def test_compile_and_checkpointing_apply_to_the_rungs_as_in_eflow_train(tmp_path):
+    """--compile compiles every block of the online model and the EMA (Dynamo compiles graphs during
+    the warm-up), --ac full checkpoints the online blocks; both are recorded per rung and in the start
+    line. FSDP and sequence parallelism need torchrun: refused, naming what applies."""
+    torch._dynamo.reset()  # forget compiled code: every graph the ladder needs is compiled anew
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    result = run(
+        *TRAIN, "--rung", "fm-softmax,+pdg", "--compile", "--ac", "full", "--out", tmp_path, "--no-plot"
+    )
+    assert result.exit_code == 0, result.output
+    assert "ac full, compiled blocks" in " ".join(result.output.split())
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert (document["parameters"]["ac"], document["parameters"]["compile"]) == ("full", True)
+    records = document["results"]
+    assert [(r["status"], r["ac"], r["compiled"]) for r in records] == [("ok", "full", True)] * 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    refused = run(*TRAIN, "--set", "parallel.fsdp=true", "--out", tmp_path / "refused")
+    assert_clean_error(refused, "runs one process", "--ac and --compile apply here")
+
+
 @pytest.mark.parametrize("command", [TRAIN, SAMPLE])
 def test_an_unknown_rung_is_one_error_listing_the_choices(command, tmp_path):
     result = run(*command, "--rung", "nope", "--out", tmp_path)
@@ -319,7 +339,7 @@ def test_a_custom_sample_rung_and_an_out_of_memory_rung(tmp_path, monkeypatch):
 def test_ladder_parameters_keep_their_order_and_the_view_repeats_the_printed_table(train_run, sample_run):
     shared = ["preset", "grid", "tokens", "clip", "latent_shape", "autoencoder", "condition", "batch"]
     tail = ["warmup", "device", "dtype", "seed", "rungs"]
-    assert list(train_run[2]["parameters"]) == [*shared, "steps", *tail]
+    assert list(train_run[2]["parameters"]) == [*shared, "steps", "warmup", "ac", "compile", *tail[1:]]
     assert list(sample_run[2]["parameters"]) == [*shared, "repeats", *tail]
     table, notes = results_view(train_run[2])
     assert table.title.startswith("training ladder on ") and "2x4x4 tokens, batch 2, fp32" in table.title

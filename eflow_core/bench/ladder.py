@@ -50,6 +50,8 @@ LADDER_FLAGS = {  # flag -> RunConfig field of the base config (size -> data.hei
     "batch_size": "train.batch_size",
     "autoencoder": "data.autoencoder",
     "vae_path": "data.autoencoder_options.path",
+    "ac": "parallel.ac",  # bench train only
+    "compile_": "parallel.compile",  # bench train only
 }
 
 Rung = TypeVar("Rung")

@@ -128,6 +128,9 @@ def start_line(benchmark: str, env: dict[str, Any], params: dict[str, Any]) -> s
         f"{head}, preset {params['preset']}, {params['grid']} tokens ({params['tokens']:,}), "
         f"clip {params['clip']}, batch {params['batch']}"
     )
+    applied = [f"ac {params['ac']}"] if params.get("ac", "off") != "off" else []
+    applied += ["compiled blocks"] if params.get("compile") else []
+    line += "".join(f", {what}" for what in applied)
     return line + (f", decode: {params['autoencoder']}" if benchmark == SAMPLE_LADDER else "")
 
 

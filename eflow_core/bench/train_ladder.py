@@ -17,6 +17,11 @@ encoder's width), starting from the same seeded weights. One step is what `eflow
 step: the objective's loss under bf16 autocast (fp32 weights), backward, gradient clipping, AdamW and the
 EMA update (`train_step`); only the data loading is left out.
 
+The base config's [parallel] section applies as in `eflow train` on one process: activation
+checkpointing (`ac`) on the online model and per-block torch.compile (`compile`) on the online model
+and the EMA, from outside the model (eflow.parallel.parallelize); fsdp and sp need torchrun and are
+refused here.
+
 Measured per rung: `warmup` untimed steps (compilation happens there; their total and the first step
 are reported as warmup_s and first_step_s), then `steps` timed steps (eflow.bench.timing): median
 ms/step, it/s = 1000 / median, samples/s = batch x it/s, and on CUDA the peak memory allocated during
@@ -53,7 +58,9 @@ from eflow.config import RunConfig
 from eflow.errors import ConfigError
 from eflow.network import DropPlan, Network
 from eflow.objective import StepInfo, to_floats
+from eflow.parallel.parallelize import parallelize
 from eflow.registry import get_registry
+from eflow.train.distributed import World
 from eflow.train.ema import EMA
 
 MVA_SHARE = 0.25  # the recipe's MVA stage share (eflow_stages: the last 20% of the run)
@@ -138,11 +145,27 @@ class TrainLadderSpec(ladder.LadderSpec):
     def config_of(self, rung: TrainRung) -> RunConfig:
         return train_rung_config(self.base, rung)
 
+    def validate(self) -> list[RunConfig]:
+        p = self.base.parallel
+        if p.fsdp or p.sp > 1:
+            raise ConfigError(
+                "eflow bench train runs one process: parallel.fsdp and parallel.sp apply under torchrun "
+                "(eflow train); --ac and --compile apply here"
+            )
+        return super().validate()
+
     def limits(self) -> list[tuple[str, int, int]]:
         return [("--steps", self.steps, 1), ("--warmup", self.warmup, 0)]
 
     def timing_parameters(self) -> dict[str, Any]:
-        return {"batch": self.base.train.batch_size, "steps": self.steps, "warmup": self.warmup}
+        p = self.base.parallel
+        return {
+            "batch": self.base.train.batch_size,
+            "steps": self.steps,
+            "warmup": self.warmup,
+            "ac": p.ac,
+            "compile": p.compile,
+        }
 
 
 @dataclass
@@ -163,6 +186,8 @@ class TrainRecord:
     dtype: str
     device: str
     params: int | None = None
+    ac: str = "off"  # parallel.ac: activation checkpointing
+    compiled: bool = False  # parallel.compile: per-block torch.compile
     status: str = "ok"  # "ok", "oom" or "error: ..."
     it_s: float | None = None  # optimizer steps per second (1000 / median_ms)
     samples_s: float | None = None
@@ -246,6 +271,9 @@ def prepare(
     state_calls: list[tuple[str, bool, int]] = []
     for module in (model, ema.model):
         record_calls(module, state_calls)
+    alone = World()  # one process: what eflow train applies there (the hooks above stay on the wrappers)
+    parallelize(model, cfg.parallel, alone, device)
+    parallelize(ema.model, cfg.parallel.model_copy(update={"ac": "off"}), alone, device)
     t = cfg.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
     objective = get_registry("objective").create(
@@ -343,6 +371,8 @@ def run_train_ladder(
             drop=stage.drop_ratio,
             token_drop=cfg.token_drop.name,
             kept=fields["tokens"],
+            ac=cfg.parallel.ac,
+            compiled=cfg.parallel.compile,
         )
 
     def measure_rung(rung: TrainRung, cfg: RunConfig, record: TrainRecord) -> None:
