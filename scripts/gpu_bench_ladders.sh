@@ -7,6 +7,12 @@
 # diffusers is importable (else the pixel autoencoder, which decodes for free: the log says so).
 # Training uses the pixel autoencoder's 3-channel latents (random data; vs the VAE's 16 channels this
 # changes only the patch embedding and the head, far below 0.1% of the FLOPs).
+# Two more parts time the small runs of docs/results.md (B on 8x8x8 tokens, batch 32), eagerly and with
+# per-block torch.compile (--compile): at that size a step is bound by the host's launches (aten ops
+# per step on the CPU: FM + softmax 5.3k, the dense EFlow objective 9.7k, the defaults 14.5k), and
+# fused blocks launch fewer kernels:
+#   small_eager, small_compiled  rungs fm-softmax, sfm-mva, +pdg, +drop
+# and XL with compiled blocks (issue 17's FM + softmax MFU target): train_XL_compiled.
 # Needs the wheels the GPU image lacks in .whl/ (as scripts/gpu_attention.sh); writes results, logs and
 # (with matplotlib) bar charts to $OUT/bench_ladders/<part>/. One part per call keeps each call short:
 #   PARTS="train_B sample_B" bash scripts/gpu_bench_ladders.sh
@@ -25,6 +31,7 @@ fi
 EFLOW="python3 -m eflow.cli.app"
 B=(--preset B --grid 16x32x48)
 XL=(--preset XL --grid 21x30x52)
+SMALL=(--preset B --frames 8 --size 16 --batch-size 32 --rung "${SMALL_RUNGS:-fm-softmax,sfm-mva,+pdg,+drop}" --steps 20 --warmup 8)
 
 ladder() {  # ladder PART bench-args...: run one ladder into $DEST/PART, log beside it
   local part=$1; shift
@@ -38,6 +45,9 @@ for part in ${PARTS:-train_B sample_B train_XL sample_XL}; do
     sample_B) ladder "$part" sample "${B[@]}" "${VAE[@]}" --batch-size 1 --repeats "${REPEATS:-3}" --warmup 1 ;;
     train_XL) ladder "$part" train "${XL[@]}" --batch-size 2 --steps "${STEPS_XL:-5}" --warmup "${WARMUP:-3}" ;;
     sample_XL) ladder "$part" sample "${XL[@]}" "${VAE[@]}" --batch-size 1 --repeats "${REPEATS_XL:-2}" --warmup 1 ;;
-    *) echo "unknown part '$part'; choices: train_B sample_B train_XL sample_XL"; exit 2 ;;
+    small_eager) ladder "$part" train "${SMALL[@]}" ;;
+    small_compiled) ladder "$part" train "${SMALL[@]}" --compile ;;
+    train_XL_compiled) ladder "$part" train "${XL[@]}" --batch-size 2 --steps "${STEPS_XL:-5}" --warmup 5 --compile ;;
+    *) echo "unknown part '$part'; choices: train_B sample_B train_XL sample_XL small_eager small_compiled train_XL_compiled"; exit 2 ;;
   esac
 done
