@@ -18,7 +18,9 @@ Each run is `eflow train ... --out OUT/NAME` followed by its evals (`eflow eval 
 accuracy,fvd ...`); runs go `--parallel` at a time as separate processes (several fit on one GPU).
 A run that finished before is skipped and one that was interrupted resumes (`--resume`), so a sweep
 can be completed over several sittings. Results: OUT/results.json and OUT/results.md (one row per run
-and eval: accuracy, in-domain FVD, steps, training seconds), printed at the end.
+and eval: accuracy, translations' accuracy, in-domain FVD, steps, guidance, training seconds), printed
+at the end; `--collect` rebuilds them from the runs' eval reports alone (e.g. from a GPU sweep's
+sweep.tgz unpacked on another machine).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 import tomllib
 
 EFLOW = [sys.executable, "-m", "eflow.cli.app"]
+TRANSLATIONS = ("left", "right", "up", "down")  # the shapes classes the small runs learn last
 
 
 def words(value) -> list[str]:
@@ -45,8 +48,11 @@ def words(value) -> list[str]:
     return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
 
 
-def run_one(name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: int | None) -> list[dict]:
-    """Train (or resume) one run, then evaluate it (on CUDA device `gpu` if given); one row per eval."""
+def run_one(
+    name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: int | None, collect: bool = False
+) -> list[dict]:
+    """Train (or resume) one run, then evaluate it (on CUDA device `gpu` if given); one row per eval.
+    collect: only read what is there (no training, no evaluation)."""
     env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
     call = lambda cmd: subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: E731
     run_dir = out / name
@@ -54,6 +60,8 @@ def run_one(name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: 
     flags = words(common.get("train")) + words(spec.get("train"))
     started = any((run_dir / "checkpoints").glob("step_*"))  # a committed checkpoint (docs/configuration.md)
     done_marker = run_dir / "train_seconds.json"
+    if not done_marker.exists() and collect:
+        return [{"run": name, "error": "not trained (--collect)"}]
     if not done_marker.exists():
         resume = ["--resume"] if started else ["--overwrite"]
         cmd = [*EFLOW, "train", *flags, "--out", str(run_dir), *resume]
@@ -68,6 +76,9 @@ def run_one(name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: 
     rows = []
     for i, ev in enumerate(spec.get("evals", common.get("evals", [""]))):
         report = run_dir / f"eval_{i}.json"
+        if not report.exists() and collect:
+            rows.append({"run": name, "eval": ev, "error": "not evaluated (--collect)"})
+            continue
         if not report.exists():
             num = str(spec.get("eval_num", common.get("eval_num", 500)))
             cmd = [*EFLOW, "eval", str(run_dir), "--num", num, "--metric", "accuracy,fvd", *words(ev)]
@@ -78,13 +89,17 @@ def run_one(name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: 
                 rows.append({"run": name, "eval": ev, "error": f"eval failed (see {log.name})"})
                 continue
         data = json.loads(report.read_text())
+        per_class = data.get("accuracy", {}).get("per_class", {})
+        moves = [per_class[c]["accuracy"] for c in TRANSLATIONS if c in per_class]
         rows.append(
             {
                 "run": name,
                 "eval": ev or "(run's sampler)",
                 "sampler": data["sampling"]["sampler"],
                 "steps": data["sampling"]["steps"],
+                "guidance": data["sampling"]["guidance"],
                 "accuracy": round(data["metrics"]["accuracy"], 3),
+                "translations": round(sum(moves) / len(moves), 3) if moves else None,
                 "fvd": round(data["metrics"]["fvd"], 2),
                 "train_step": data["run"]["step"],
                 "train_seconds": seconds,
@@ -95,15 +110,15 @@ def run_one(name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: 
 
 
 def table(rows: list[dict]) -> str:
-    head = "| run | train flags | steps | sampler | NFE steps | class acc. | in-domain FVD | train s |"
-    lines = [head, "|" + " --- |" * 8]
+    head = "| run | train flags | steps | sampler | NFE steps | w | class acc. | in-domain FVD | train s |"
+    lines = [head, "|" + " --- |" * 9]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['error']} |" + " |" * 6)
+            lines.append(f"| {r['run']} | {r['error']} |" + " |" * 7)
             continue
         lines.append(
             f"| {r['run']} | `{r['train']}` | {r['train_step']} | {r['sampler']} | {r['steps']} | "
-            f"{r['accuracy']:.3f} | {r['fvd']:.2f} | {r['train_seconds']:.0f} |"
+            f"{r.get('guidance', '')} | {r['accuracy']:.3f} | {r['fvd']:.2f} | {r['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -153,6 +168,11 @@ def main() -> None:
     ap.add_argument(
         "--plot-only", action="store_true", help="only redraw OUT/results.png from OUT/results.json"
     )
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="only rebuild OUT/results.* from the runs' eval reports (no training, no evaluation)",
+    )
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads((args.out / "results.json").read_text()), args.out / "results.png")
@@ -168,7 +188,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = args.out / "logs"
     log_dir.mkdir(exist_ok=True)
-    for command in common.get("prepare", []):
+    for command in [] if args.collect else common.get("prepare", []):
         cmd = [*EFLOW, *words(command)]
         print(f"$ {shlex.join(cmd)}", flush=True)
         with (log_dir / "prepare.log").open("a") as log:
@@ -180,7 +200,14 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {
             pool.submit(
-                run_one, n, s, common, args.out, log_dir, devices[i % len(devices)] if devices else None
+                run_one,
+                n,
+                s,
+                common,
+                args.out,
+                log_dir,
+                devices[i % len(devices)] if devices else None,
+                args.collect,
             ): n
             for i, (n, s) in enumerate(runs.items())
         }
