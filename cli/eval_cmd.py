@@ -97,6 +97,13 @@ def run_eval(
     sampler: Annotated[
         str | None, typer.Option(help="sampler (default: the run's own)", rich_help_panel=SAMPLING)
     ] = None,
+    sampler_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="sampler option KEY=VALUE over the run's (repeatable), e.g. shift=1.0",
+            rich_help_panel=SAMPLING,
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="sampling seed and real-subset seed", rich_help_panel=SAMPLING)
     ] = 0,
@@ -127,6 +134,7 @@ def run_eval(
             steps=steps,
             guidance=guidance,
             sampler=sampler,
+            sampler_options=parse_assignments(sampler_option, "--sampler-option", "shift=1.0"),
             seed=seed,
             batch_size=batch_size,
             device=device,

@@ -36,6 +36,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
         sampler: Annotated[str | None, typer.Option(help="sampler (default: the objective's own)")] = None,
+        sampler_option: Annotated[
+            list[str] | None,
+            typer.Option(help="sampler option KEY=VALUE over the run's (repeatable), e.g. shift=1.0"),
+        ] = None,
         batch_size: Annotated[
             int | None, typer.Option(help="videos generated at once (default: the run's, 16)")
         ] = None,
@@ -54,9 +58,11 @@ def register(app: typer.Typer) -> None:
         ] = 1,
     ) -> None:
         """Sample videos from a trained run (all files of a call replace the previous call's together)."""
+        from eflow.config import parse_assignments
         from eflow.sample_run import sample_run_dir
 
         with user_errors():
+            sampler_options = parse_assignments(sampler_option, "--sampler-option", "shift=1.0")
             progress = Progress(
                 TextColumn("[bold]sample[/]"),
                 BarColumn(),
@@ -87,6 +93,7 @@ def register(app: typer.Typer) -> None:
                     num=num,
                     seed=seed,
                     sampler=sampler,
+                    sampler_options=sampler_options,
                     batch_size=batch_size,
                     label=label,
                     captions=caption,

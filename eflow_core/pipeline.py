@@ -176,9 +176,11 @@ class Pipeline:
         generator: torch.Generator | None = None,
         sampler: str | None = None,
         batch_size: int | None = None,
+        sampler_options: dict[str, Any] | None = None,
     ) -> Plan:
         """Check a call and fix its conditions: one video per label or prompt, or `num` of them taken in
-        turn; no labels: the classes in turn (num: the run's sample.num)."""
+        turn; no labels: the classes in turn (num: the run's sample.num). sampler_options: over the run's
+        (e.g. {"shift": 1.0}), checked against the sampler's options."""
         if seed is not None and generator is not None:
             raise ConfigError("give seed or generator, not both")
         if isinstance(labels, Tensor):
@@ -196,6 +198,7 @@ class Pipeline:
             seed=seed,
             sampler=sampler,
             batch_size=batch_size,
+            sampler_options={**self.run.cfg.sample.sampler_options, **(sampler_options or {})},
         )
         name = sampler_name(self.run.cfg.model_copy(update={"sample": settings}))
         impl = get_registry("sampler").create(name, options=settings.sampler_options)  # unknown: the choices
@@ -284,6 +287,7 @@ class Pipeline:
         generator: torch.Generator | None = None,
         sampler: str | None = None,
         batch_size: int | None = None,
+        sampler_options: dict[str, Any] | None = None,
         output_type: OutputType = "tensor",
         progress: bool = True,
         callback_on_step_end: StepCallback | None = None,
@@ -306,6 +310,7 @@ class Pipeline:
             generator=generator,
             sampler=sampler,
             batch_size=batch_size,
+            sampler_options=sampler_options,
         )
         if callback_on_step_end is not None and not plan.reports_steps:
             raise EflowError(

@@ -100,6 +100,7 @@ def sample_run(
     num: int | None = None,
     seed: int | None = None,
     sampler: str | None = None,
+    sampler_options: dict[str, Any] | None = None,
     batch_size: int | None = None,
     label: int | None = None,
     captions: list[str] | None = None,
@@ -121,6 +122,7 @@ def sample_run(
         seed=seed,
         sampler=sampler,
         batch_size=batch_size,
+        sampler_options=sampler_options,
     )
     n, settings = plan.num, plan.settings
     if n > MAX_GRID and not each:

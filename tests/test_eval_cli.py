@@ -120,6 +120,19 @@ def test_bad_input_gives_one_error_line(run_dir, cache, tmp_path):
     assert_clean_error(run("eval", "compare", tmp_path), "eval.json not found")
 
 
+def test_a_sampler_option_overrides_the_runs_and_is_recorded(run_dir, cache, tmp_path):
+    """--sampler-option shift=1.0 samples on another time grid (other clips, another FVD) and the report
+    records it; a misspelt option is one error naming it and the sampler's fields."""
+    reports = []
+    for extra in ([], ["--sampler-option", "shift=1.0"]):
+        ok(evaluate(run_dir, cache, "--metric", "fvd", "--out", tmp_path / f"{len(reports)}.json", *extra))
+        reports.append(json.loads((tmp_path / f"{len(reports)}.json").read_text()))
+    assert [r["sampling"]["sampler_options"]["shift"] for r in reports] == [3.0, 1.0]
+    assert reports[0]["metrics"]["fvd"] != reports[1]["metrics"]["fvd"]
+    assert_clean_error(evaluate(run_dir, cache, "--sampler-option", "shiftt=1"), "shiftt", "shift")
+    assert_clean_error(evaluate(run_dir, cache, "--sampler-option", "shift"), "--sampler-option 'shift'")
+
+
 def test_accuracy_needs_a_label_conditioned_run(tmp_path, cache):
     out = tmp_path / "text"
     ok(run("train", "--steps", 1, "--condition", "text", "--out", out, *TINY))

@@ -68,6 +68,22 @@ def test_the_pipeline_gives_the_videos_eflow_sample_writes_for_the_same_seed(pip
     torch.testing.assert_close(out.tensor, torch.cat(expected), rtol=0, atol=0)
 
 
+def test_sampler_options_override_the_runs_in_the_pipeline_and_in_eflow_sample(pipe, run_dir, tmp_path):
+    """sampler_options={"shift": 1.0} (eflow sample --sampler-option shift=1.0) samples on another grid:
+    other videos than the run's shift 3, and the same ones from both; a misspelt option names itself."""
+    default = pipe(num=2, seed=3, progress=False).tensor
+    shifted = pipe(num=2, seed=3, sampler_options={"shift": 1.0}, progress=False)
+    assert not torch.equal(default, shifted.tensor)
+    cli = ["sample", str(run_dir), "-n", "2", "--seed", "3", "--sampler-option", "shift=1.0"]
+    result = CliRunner().invoke(app, [*cli, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    pipe.save(shifted, tmp_path / "pipeline.png")
+    written = np.asarray(Image.open(tmp_path / "samples.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pipeline.png")), written)
+    with pytest.raises(ConfigError, match="shiftt"):
+        pipe(num=1, sampler_options={"shiftt": 1.0}, progress=False)
+
+
 def test_the_pipeline_and_the_previews_share_one_generate():
     import eflow.pipeline
 

@@ -50,6 +50,7 @@ class EvalSettings:
     steps: int | None = None  # sampling steps (None: the run's)
     guidance: float | None = None  # guidance scale (None: the run's)
     sampler: str | None = None  # sampler (None: the run's)
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # over the run's, e.g. {"shift": 1.0}
     seed: int = 0  # sampling seed and real-subset seed
     batch_size: int = 64  # clips per generation / extraction batch
     device: str = "auto"
@@ -96,11 +97,16 @@ def evaluate_run(run: LoadedRun, settings: EvalSettings, progress: Progress | No
     if settings.sampler is not None:
         get_registry("sampler").get(settings.sampler)
     cfg.sample = sampling_settings(
-        cfg.sample, sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance
+        cfg.sample,
+        sampler=settings.sampler,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        sampler_options={**cfg.sample.sampler_options, **settings.sampler_options},
     )
     from eflow.sampling import sampler_name
 
     sampler = sampler_name(cfg)
+    get_registry("sampler").get(sampler).parse_options(cfg.sample.sampler_options)  # a bad option: named
     steps, guidance = cfg.sample.steps, cfg.sample.guidance
     batch = min(settings.batch_size, settings.num)
     check_fits(
