@@ -236,3 +236,24 @@ def test_pixel_statistics_are_fitted_once_and_recorded_for_resume_and_sampling(t
     Trainer(resumed, resume=True, progress=False).run()
     after = json.loads((tmp_path / "norm" / "config.json").read_text())["data"]["autoencoder_options"]
     assert after == options  # not refitted on resume
+
+
+def test_a_drop_schedule_on_clips_of_few_tokens_gets_a_note(tmp_path):
+    """The tiny run's 8 tokens (2 frames of 8x8 pixels) with SPRINT's 75% drop: one note at start-up
+    naming what the middle blocks keep and how to turn dropping off; none without dropping."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    outputs = {}
+    for name, drop in (("drop", "sprint"), ("dense", "none")):
+        cfg = tiny_config(tmp_path / name, steps=1)
+        cfg.token_drop.name = drop
+        buffer = StringIO()
+        trainer = Trainer(cfg, progress=False, console=Console(file=buffer, width=400))
+        trainer._check_run_dir()
+        trainer._setup()
+        outputs[name] = buffer.getvalue()
+    assert "note: 8 tokens per clip: the drop stage keeps 2 in the middle blocks" in outputs["drop"]
+    assert "--token-drop none turns it off" in outputs["drop"]
+    assert "note:" not in outputs["dense"]

@@ -108,6 +108,9 @@ class TrainingStopped(EflowError):
     """Training was stopped by a signal (SIGINT, SIGTERM): saved at a step boundary, or aborted by a second."""
 
 
+SMALL_CLIP_TOKENS = 4096  # below this a drop schedule gets a note (Trainer._note_small_drop)
+
+
 class Trainer:
     """Trains one run as its RunConfig says; `resume` continues the run in cfg.train.out exactly."""
 
@@ -168,6 +171,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.parts: Parts = build_parts(cfg)
         self._check_memory()
+        self._note_small_drop()
         if self.parts.num_classes is not None:
             cfg.data.num_classes = self.parts.num_classes  # resolved: sampling needs no dataset
         self._fit_autoencoder()  # a no-op when config.json already carries the statistics (resume)
@@ -274,6 +278,26 @@ class Trainer:
                 reshard_after_forward=p.fsdp_reshard_after_forward,
                 ema=self.ema.model,
                 ema_passes=ema_passes,
+            )
+
+    def _note_small_drop(self) -> None:
+        """A note (rank 0) when the schedule drops tokens of clips with few of them: measured at 512 tokens
+        on `shapes` (docs/results.md, docs/benchmarks.md "Small runs"), dropping slowed both the steps
+        and the learning; the paper drops at 32,760."""
+        cfg = self.cfg
+        ratio = max(stage.drop_ratio for stage in cfg.schedule.stages)
+        if ratio <= 0 or not self.world.is_main or cfg.token_drop.name == "none":
+            return
+        tokens = min(
+            math.prod(self.parts.model.token_grid(self.parts.autoencoder.latent_shape((3, *shape))))
+            for shape in cfg.schedule.shapes(cfg.data)
+        )
+        if tokens < SMALL_CLIP_TOKENS:
+            self.console.print(
+                f"[cyan]note:[/] {tokens} tokens per clip: the drop stage keeps {math.ceil(tokens * (1 - ratio))} "
+                "in the middle blocks. At 512 tokens dropping made the steps slower and the learning slower "
+                "on shapes (docs/results.md); --token-drop none turns it off",
+                highlight=False,
             )
 
     def _check_memory(self) -> None:
