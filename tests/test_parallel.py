@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from test_eval import i3d_file  # noqa: F401  (a tiny TorchScript I3D)
 from test_train import losses, tiny_config
+from test_validation import validation_table
 
 from eflow.condition import Condition
 from eflow.config import RunConfig, build_config
@@ -240,16 +241,7 @@ def run_config(out: Path, name: str):
     cfg.parallel = ParallelSection(**parallel)
     if name in ("dp", "fsdp"):  # rank 0 validates and previews the EMA, which FSDP shards
         cfg.train.preview_every = 2
-        cfg.validation = cfg.validation.model_validate(
-            {
-                "every": 2,
-                "num": 4,
-                "batch_size": 2,
-                "metrics": ["fvd"],
-                "extractor": "i3d",
-                "extractor_options": {"path": os.environ["EFLOW_TEST_I3D"], "frames": 2},
-            }
-        )
+        cfg.validation = cfg.validation.model_validate(validation_table(os.environ["EFLOW_TEST_I3D"]))
     return cfg
 
 

@@ -14,19 +14,22 @@ from eflow.train.metrics import read_metrics
 from eflow.train.trainer import Trainer
 
 
+def validation_table(i3d, **validation) -> dict:
+    """A [validation] section for tiny runs: FVD of 4 clips every 2 steps, with the TorchScript I3D `i3d`."""
+    return {
+        "every": 2,
+        "num": 4,
+        "batch_size": 2,
+        "metrics": ["fvd"],
+        "extractor": "i3d",
+        "extractor_options": {"path": str(i3d), "frames": 2},
+        **validation,
+    }
+
+
 def validated_config(out, i3d, **validation):
     cfg = tiny_config(out, steps=4)
-    cfg.validation = cfg.validation.model_validate(
-        {
-            "every": 2,
-            "num": 4,
-            "batch_size": 2,
-            "metrics": ["fvd"],
-            "extractor": "i3d",
-            "extractor_options": {"path": str(i3d), "frames": 2},
-            **validation,
-        }
-    )
+    cfg.validation = cfg.validation.model_validate(validation_table(i3d, **validation))
     return cfg
 
 
