@@ -96,6 +96,11 @@ class Objective(ABC):
         """The share of the batch this objective trains with MVA at a scheduled `mva_share` (0: no MVA term)."""
         return 0.0
 
+    def uses_ema(self, info: StepInfo) -> bool:
+        """Whether the step of `info` may call net.ema. Every rank asks, so it must depend on `info` and
+        the options alone; under FSDP the trainer gathers the sharded EMA for the steps that say True."""
+        return True
+
     @abstractmethod
     def cost(self, mva_share: float = 0.0) -> ForwardCost:
         """Expected forward passes per sample (declared, so runs can be compared before they start)."""

@@ -44,13 +44,8 @@ CAPABILITIES: dict[str, dict[str, tuple[type, Any]]] = {
     "attention": {"hybrid": (bool, False), "attend_reads_x": (bool, True)},
     # default_sampler: the sampler `eflow sample` uses for runs trained with this objective;
     # same_calls_every_rank: every rank makes the same model calls in every step whatever its batch draws
-    # (then FSDP may gather weights per call: parallel.fsdp_reshard_after_forward); ema_passes: its steps
-    # may call the EMA (net.ema; under FSDP the sharded EMA is then gathered for every step)
-    "objective": {
-        "default_sampler": (str, "euler"),
-        "same_calls_every_rank": (bool, False),
-        "ema_passes": (bool, True),
-    },
+    # (then FSDP may gather weights per call: parallel.fsdp_reshard_after_forward)
+    "objective": {"default_sampler": (str, "euler"), "same_calls_every_rank": (bool, False)},
     # whether items carry class labels (False: captions only, so a run on it is text-conditioned)
     "dataset": {"labels": (bool, True)},
 }

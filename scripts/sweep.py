@@ -110,15 +110,20 @@ def run_one(
 
 
 def table(rows: list[dict]) -> str:
-    head = "| run | train flags | steps | sampler | NFE steps | w | class acc. | in-domain FVD | train s |"
-    lines = [head, "|" + " --- |" * 9]
+    head = (
+        "| run | train flags | steps | sampler | NFE steps | w | class acc. | translations | in-domain FVD "
+        "| train s |"
+    )
+    lines = [head, "|" + " --- |" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['error']} |" + " |" * 7)
+            lines.append(f"| {r['run']} | {r['error']} |" + " |" * 8)
             continue
+        moves = "" if r.get("translations") is None else f"{r['translations']:.3f}"
         lines.append(
             f"| {r['run']} | `{r['train']}` | {r['train_step']} | {r['sampler']} | {r['steps']} | "
-            f"{r.get('guidance', '')} | {r['accuracy']:.3f} | {r['fvd']:.2f} | {r['train_seconds']:.0f} |"
+            f"{r.get('guidance', '')} | {r['accuracy']:.3f} | {moves} | {r['fvd']:.2f} | "
+            f"{r['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

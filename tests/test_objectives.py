@@ -338,17 +338,17 @@ class NoEMA(nn.Module):
 
 
 @pytest.mark.parametrize("name", ["fm", "sfm", "pdg-sfm"])
-def test_ema_passes_declares_whether_a_step_calls_the_ema(name):
-    """Under FSDP the trainer gathers the sharded EMA for a step only if the objective declares
-    ema_passes: fm must never call it; the SFM family with MVA does."""
-    declared = objectives().get(name).capability("ema_passes")
-    assert declared == (name != "fm")
+@pytest.mark.parametrize("mva_share", [0.0, 0.5])
+def test_uses_ema_says_whether_the_step_calls_the_ema(name, mva_share):
+    """Under FSDP the trainer gathers the sharded EMA only for steps whose objective says uses_ema: fm
+    never calls it; the SFM family calls it for MVA's targets, so only while MVA is on."""
     torch.manual_seed(0)
     obj = make(name, **({} if name == "fm" else {"mva": True}))
+    info = StepInfo(0, 100, mva_share=mva_share)
+    assert obj.uses_ema(info) == (name != "fm" and mva_share > 0)
     x0, cond = torch.randn(16, 2, 1, 1, 1), labels_cond(torch.arange(16) % 4)
-    info = StepInfo(0, 100, mva_share=0.5)
     net = Network(ToyModel(hidden=8, depth=3), NoEMA())
-    if declared:
+    if obj.uses_ema(info):
         with pytest.raises(AssertionError, match="called the EMA"):
             obj.loss(net, {"x0": x0, "cond": cond}, info)
     else:

@@ -295,6 +295,39 @@ def reduce_divergent_calls(out: Path, without_flag: bool) -> None:
     (out / f"divergent_{'zeroed' if without_flag else 'flag'}_{rank}.ok").write_text("ok")
 
 
+def ema_forgets_its_forwards(out: Path, *, without_reset: bool) -> None:
+    """A sharded EMA gathered for no-grad passes and freed again, three times: its weights are shards
+    again and FSDP2's record of forwards (cleared only by a backward the EMA never runs) is empty.
+    without_reset: as on a torch without FSDPModule.reset_iter_state (2.11), eflow clears it itself."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from eflow.parallel.fsdp import _param_groups, gathered
+
+    hidden = FSDPModule.__dict__["reset_iter_state"] if without_reset else None
+    if hidden is not None:
+        delattr(FSDPModule, "reset_iter_state")
+    try:
+        rank = torch.distributed.get_rank()
+        torch.manual_seed(0)
+        ema = build_model("tiny").eval().requires_grad_(False)
+        parallelize(ema, ParallelSection(fsdp=True), World(rank, 2, rank), CPU)
+        x, t, cond = torch.randn(2, 3, 2, 8, 8), torch.rand(2), Condition(labels=torch.tensor([1, 2]))
+        with torch.no_grad():
+            for _ in range(3):
+                with gathered(ema):
+                    ema(x, t, t, cond, 1.0)
+                    ema(x, t, t, cond, 1.0, path="weak")
+        assert all(isinstance(p, DTensor) for p in ema.parameters())
+        assert not ema._get_fsdp_state()._comm_ctx.post_forward_order
+        for module in [ema, *model_blocks(ema)]:
+            assert all(not group._post_forward_indices for group in _param_groups(module._get_fsdp_state()))
+    finally:
+        if hidden is not None:
+            FSDPModule.reset_iter_state = hidden
+    (out / f"ema_record_{'cleared' if without_reset else 'reset'}_{rank}.ok").write_text("ok")
+
+
 def fsdp_worker(out: Path) -> None:
     """One rank of the FSDP test (torchrun sets RANK, WORLD_SIZE): every run of RUNS, plus the refusal
     of per-block gathering with pdg-sfm; model calls per step of the "fsdp" run go to calls_RANK.json."""
@@ -320,6 +353,8 @@ def fsdp_worker(out: Path) -> None:
     Trainer(run_config(out, "dp"), progress=False).run()  # joins the process group
     divergent_calls_reduce_like_the_all_reduce(out, without_unused_params_flag=False)
     divergent_calls_reduce_like_the_all_reduce(out, without_unused_params_flag=True)
+    ema_forgets_its_forwards(out, without_reset=False)
+    ema_forgets_its_forwards(out, without_reset=True)
     for name in ("fsdp", "fm_dp", "fm_fsdp_per_block"):
         calls.clear()
         Trainer(run_config(out, name), progress=False).run()
@@ -411,6 +446,8 @@ def test_fsdp_on_two_gloo_processes_trains_like_the_all_reduce_path(tmp_path, i3
         assert "fsdp_reshard_after_forward = true" in (tmp_path / f"refused_{r}.txt").read_text()
         assert (tmp_path / f"divergent_flag_{r}.ok").is_file()
         assert (tmp_path / f"divergent_zeroed_{r}.ok").is_file()
+        assert (tmp_path / f"ema_record_reset_{r}.ok").is_file()
+        assert (tmp_path / f"ema_record_cleared_{r}.ok").is_file()
 
 
 def test_the_training_need_splits_activations_over_the_sequence_shards(tiny_model):

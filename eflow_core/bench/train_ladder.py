@@ -150,7 +150,8 @@ class TrainLadderSpec(ladder.LadderSpec):
         if p.fsdp or p.sp > 1:
             raise ConfigError(
                 "eflow bench train runs one process: parallel.fsdp and parallel.sp apply under torchrun "
-                "(eflow train); --ac and --compile apply here"
+                "(eflow train); --ac and --compile apply here. For a config that sets them, add "
+                "--set parallel.fsdp=false --set parallel.sp=1"
             )
         return super().validate()
 

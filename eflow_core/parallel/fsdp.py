@@ -15,11 +15,12 @@ reduce-scattered in fp32. Two ways to run a step (parallel.fsdp_reshard_after_fo
   them again in backward and reduce-scatters its gradient as backward leaves it. Least memory (ZeRO-3),
   but collectives per model call: every rank must make the same calls in the same order (fm does).
 
-The EMA shards like the model (`shard_model` with its weights gathered only on request): its fp32 copy
-is split over the ranks, and each rank updates its own shard from the online model's (no communication,
-eflow.train.ema). An objective that calls the EMA in its steps (capability `ema_passes`, the SFM family)
-has the EMA gathered by `begin_step`, in the same fixed order on every rank, and freed by `end_forward`
-before backward; previews and validation gather it on every rank (`gathered`) and run on rank 0.
+The EMA shards like the model (`shard_model` with its weights gathered only on request, in fp32): its
+copy is split over the ranks, and each rank updates its own shard from the online model's (no
+communication, eflow.train.ema). For a step whose objective calls the EMA (Objective.uses_ema: the SFM
+family while MVA is on) `begin_step` gathers it after the online weights, in the same order on every
+rank, and `end_forward` frees it before backward; previews and validation gather it on every rank
+(`gathered`) and run on rank 0.
 Checkpoints are sharded: every rank writes its shards through torch.distributed.checkpoint
 (eflow.train.checkpoint.save_sharded_checkpoint) and a resume reshards them over any world size; a
 full checkpoint (data parallelism, one process, or `eflow export`) resumes under FSDP too: every rank
@@ -90,9 +91,30 @@ def gather_weights(model: nn.Module) -> None:
 
 
 def release_weights(model: nn.Module) -> None:
-    """Free the gathered weights (`gather_weights`), back to this rank's shards; no communication."""
+    """Free the gathered weights (`gather_weights`) of a model that runs no backward (the EMA), back to
+    this rank's shards; no communication. FSDP2 records every forward for backward's prefetching and
+    clears that record at the end of backward, so a model without backward clears it here (with
+    FSDPModule.reset_iter_state where torch has it), else it would grow by a block per call."""
+    reset = getattr(model, "reset_iter_state", None)
+    if reset is not None:
+        reset()  # reshards every block and clears the record
+        return
     for module in _units(model):
         module.reshard()
+    state = model._get_fsdp_state()  # private: the record reset_iter_state clears (torch 2.11 lacks it)
+    state._comm_ctx.post_forward_order.clear()
+    for module in _units(model):
+        for group in _param_groups(module._get_fsdp_state()):
+            group._post_forward_indices.clear()
+
+
+def _param_groups(state) -> list:
+    """An FSDP state's parameter groups (a list in newer torch, one optional group in older)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
 
 
 @contextmanager
@@ -107,36 +129,32 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
 
 class ShardedStep:
     """What the trainer calls around a step of a model that `shard_model` sharded; `ema`, the EMA sharded
-    alike (gathered for the step's EMA passes when `ema_passes`)."""
+    alike (gathered for the steps whose objective calls it)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        reshard_after_forward: bool,
-        ema: nn.Module | None = None,
-        ema_passes: bool = False,
-    ):
+    def __init__(self, model: nn.Module, *, reshard_after_forward: bool, ema: nn.Module | None = None):
         if not is_sharded(model) or (ema is not None and not is_sharded(ema)):
             raise TypeError("ShardedStep needs a model (and EMA) sharded by shard_model")
         self.model = model
-        self.ema = ema if ema_passes else None  # the EMA to gather for the step
+        self.ema = ema
+        self.ema_gathered = False
         self.once_per_step = not reshard_after_forward
         self.zero_unused = self.once_per_step and not has_unused_params_flag(model)
         self.modules = _units(model)
 
-    def begin_step(self) -> None:
-        """Gather every block's weights for the step (gather once per step), and the EMA's if the
-        objective calls it; same order on every rank."""
+    def begin_step(self, gather_ema: bool = False) -> None:
+        """Gather every block's weights for the step (gather once per step), then the EMA's if the step
+        calls it (Objective.uses_ema: the same answer on every rank); one order on every rank."""
         if self.once_per_step:
             gather_weights(self.model)
-        if self.ema is not None:
+        self.ema_gathered = gather_ema and self.ema is not None
+        if self.ema_gathered:
             gather_weights(self.ema)
 
     def end_forward(self) -> None:
         """After the objective's passes, before backward: free the gathered EMA."""
-        if self.ema is not None:
+        if self.ema_gathered:
             release_weights(self.ema)
+            self.ema_gathered = False
 
     def reduce_gradients(self) -> None:
         """After backward: reduce-scatter every block's gradient (averaged over ranks, fp32) into its

@@ -259,39 +259,43 @@ class Trainer:
         bf16 = self.precision == "bf16"
         mesh = sequence_mesh(self.world, p.sp, self.device.type) if p.sp > 1 else None
         self.model = parallelize(self.model, p, self.world, self.device, bf16=bf16, mesh=mesh)
-        # under FSDP the EMA shards like the model, its weights gathered only for the step's EMA passes
-        # and for rank 0's previews and validation (eflow.parallel.fsdp)
+        # under FSDP the EMA shards like the model, its weights gathered only for the steps whose
+        # objective calls it and for rank 0's previews and validation (eflow.parallel.fsdp); gathered in
+        # fp32, so its passes and samples are those of an unsharded EMA
         self.ema.model = parallelize(
             self.ema.model,
             p.model_copy(update={"ac": "off", "sp": 1, "fsdp_reshard_after_forward": False}),
             self.world,
             self.device,
-            bf16=bf16,
         )
         self.sharded = None
         if p.fsdp and self.world.size > 1:
             from eflow.parallel.fsdp import ShardedStep
 
-            ema_passes = get_registry("objective").get(self.cfg.objective.name).capability("ema_passes")
             self.sharded = ShardedStep(
-                self.model,
-                reshard_after_forward=p.fsdp_reshard_after_forward,
-                ema=self.ema.model,
-                ema_passes=ema_passes,
+                self.model, reshard_after_forward=p.fsdp_reshard_after_forward, ema=self.ema.model
             )
 
     def _note_small_drop(self) -> None:
         """A note (rank 0) when the schedule drops tokens of clips with few of them: measured at 512 tokens
         on `shapes` (docs/results.md, docs/benchmarks.md "Small runs"), dropping slowed both the steps
         and the learning; the paper drops at 32,760."""
-        cfg = self.cfg
-        ratio = max(stage.drop_ratio for stage in cfg.schedule.stages)
-        if ratio <= 0 or not self.world.is_main or cfg.token_drop.name == "none":
+        cfg, parts = self.cfg, self.parts
+        if not self.world.is_main or cfg.token_drop.name == "none":
             return
-        tokens = min(
-            math.prod(self.parts.model.token_grid(self.parts.autoencoder.latent_shape((3, *shape))))
-            for shape in cfg.schedule.shapes(cfg.data)
-        )
+        dropping = [  # (tokens per clip, drop ratio) of every stage that drops
+            (
+                math.prod(
+                    parts.model.token_grid(parts.autoencoder.latent_shape((3, *stage.shape(cfg.data))))
+                ),
+                stage.drop_ratio,
+            )
+            for stage in cfg.schedule.stages
+            if stage.drop_ratio > 0
+        ]
+        if not dropping:
+            return
+        tokens, ratio = min(dropping)
         if tokens < SMALL_CLIP_TOKENS:
             self.console.print(
                 f"[cyan]note:[/] {tokens} tokens per clip: the drop stage keeps {math.ceil(tokens * (1 - ratio))} "
@@ -404,7 +408,7 @@ class Trainer:
             group["lr"] = self._lr(step)
         self.model.train()
         if self.sharded is not None:
-            self.sharded.begin_step()
+            self.sharded.begin_step(gather_ema=self.objective.uses_ema(info))
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"

@@ -138,6 +138,9 @@ class FlowMatching(Objective):
             loss, {"loss": loss.detach(), "mse": err.detach().mean(), "dropped": d.dropped.float().mean()}
         )
 
+    def uses_ema(self, info: StepInfo) -> bool:
+        return False
+
     def cost(self, mva_share: float = 0.0) -> ForwardCost:
         """One full-path forward with gradient per sample (FM has no MVA term; mva_share is ignored)."""
         return ForwardCost(full_grad=1.0)
@@ -152,5 +155,4 @@ def register_objectives(register):
         options=FMOptions,
         default_sampler="euler",
         same_calls_every_rank=True,  # one full pass with gradient per sample, always
-        ema_passes=False,
     )

@@ -187,6 +187,9 @@ class MLCD(Objective):
         x1 = randn((n, *x0.shape[1:]), generator, x0.device).to(x0.dtype)
         return MLCDDraws(x1[mine], j[mine], w[mine])
 
+    def uses_ema(self, info: StepInfo) -> bool:
+        return self.options.target == "ema"  # the consistency target's weights
+
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
         """batch = {"x0": [B, C, T, H, W], "cond": Condition, optional "generator"}."""
         draws = self.draw(batch["x0"], batch.get("generator"), info)
@@ -269,6 +272,9 @@ class AttentionDistillation(Objective):
             self.options.teacher, self.options.teacher_weights, teacher_model, "attn-distill"
         )
 
+    def uses_ema(self, info: StepInfo) -> bool:
+        return False  # the teacher's passes, never the EMA's
+
     def loss(self, net, batch: dict, info: StepInfo) -> LossOutput:
         o, x0, cond, generator = self.options, batch["x0"], batch["cond"], batch.get("generator")
         b = x0.shape[0]
@@ -334,5 +340,4 @@ def register_objectives(register):
         options=AttnDistillOptions,
         default_sampler="euler",
         same_calls_every_rank=True,
-        ema_passes=False,  # the teacher's passes, never the EMA's
     )

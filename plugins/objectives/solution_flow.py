@@ -402,6 +402,11 @@ class SolutionFlow(Objective):
         """m of `shares`: the scheduled share when option `mva` is on, else 0."""
         return self.shares(mva_share)[2]
 
+    def uses_ema(self, info: StepInfo) -> bool:
+        """The SCM target from the EMA (option target), or MVA on in this stage with its EMA targets."""
+        o = self.options
+        return o.target == "ema" or (o.mva_target == "ema" and self.effective_mva_share(info.mva_share) > 0)
+
     def draw(self, x0: Tensor, info: StepInfo, generator: torch.Generator | None = None) -> SFMDraws:
         """Groups, noise, times, guidance scale and drop draws for a batch x0 [B, ...]: drawn for the step's
         global batch of N rows (the groups split those N), this rank's rows kept (StepInfo.share)."""
