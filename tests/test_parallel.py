@@ -185,6 +185,22 @@ def _cpp_compiler() -> str | None:
 @pytest.mark.skipif(
     _cpp_compiler() is None, reason="Inductor needs a C++ compiler on the CPU (the GPU runs it)"
 )
+def test_every_block_gets_row_major_tokens_and_materialized_contexts(tiny_model):
+    """Dynamo guards on strides: a block called with a transposed view, or with stride-0 indices and
+    RoPE angles, would compile a variant of its own (docs/scaling.md). The patch embedding's tokens and
+    the dense context's tensors are laid out as a dropped context's are."""
+    from eflow.model.tokens import TokenContext
+
+    x = tiny_model.patch_embed(torch.randn(2, 3, 2, 8, 8))
+    assert x.is_contiguous()
+    grid = tiny_model.token_grid((2, 3, 2, 8, 8))
+    rope = tiny_model.rope(grid, CPU)
+    dense = TokenContext.dense(grid, 2, rope)
+    dropped = dense.select(torch.tensor([[0, 2], [1, 3]]), rope)
+    for ctx in (dense, dropped):
+        assert ctx.index.is_contiguous() and ctx.rope.is_contiguous()
+
+
 def test_compiled_blocks_match_eager(tiny_model):
     """Per-block torch.compile (with checkpointing inside it): the outputs and gradients of eager, the
     same parameter names, on the first call (compiling) and the second (cached).

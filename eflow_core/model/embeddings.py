@@ -23,7 +23,9 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=self.patch, stride=self.patch)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, C, T, H, W] -> [B, T'H'W', D]
+        # [B, C, T, H, W] -> [B, T'H'W', D], laid out like every block's output (row-major), so a compiled
+        # block sees one memory layout (a transposed view would be a second compiled variant)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def unpatchify(x: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Tensor:

@@ -69,5 +69,7 @@ class TokenContext:
     def dense(grid: tuple[int, int, int], batch: int, rope_table: Tensor) -> TokenContext:
         """The context of the full grid: every token kept."""
         n = grid[0] * grid[1] * grid[2]
-        index = torch.arange(n, device=rope_table.device).expand(batch, n)
-        return TokenContext(grid, index, rope_table.unsqueeze(0).expand(batch, -1, -1), False)
+        # raster indices and RoPE angles materialized per sample, as `select` makes them (B N values and
+        # B N head_dim/2 angles, small): one memory layout for compiled blocks, dropped tokens or not
+        index = torch.arange(n, device=rope_table.device).expand(batch, n).contiguous()
+        return TokenContext(grid, index, rope_table.unsqueeze(0).expand(batch, -1, -1).contiguous(), False)
