@@ -201,6 +201,22 @@ def test_every_block_gets_row_major_tokens_and_materialized_contexts(tiny_model)
         assert ctx.index.is_contiguous() and ctx.rope.is_contiguous()
 
 
+def test_compiled_blocks_take_new_batch_and_token_counts_without_recompiling(tiny_model):
+    """Batch and token sizes are marked dynamic before the first call: after one dense call of 3
+    samples, calls of 5 samples and of 4 kept tokens compile nothing new (Dynamo's automatic dynamic
+    shapes would recompile each once)."""
+    torch._dynamo.reset()
+    model = parallelize(copy.deepcopy(tiny_model), ParallelSection(compile=True), World(), CPU)
+    cond = lambda n: Condition(labels=torch.arange(n) % 4)  # noqa: E731
+    with torch.no_grad():
+        model(torch.randn(3, 3, 2, 8, 8), torch.rand(3), torch.rand(3), cond(3), 3.0)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        model(torch.randn(5, 3, 2, 8, 8), torch.rand(5), torch.rand(5), cond(5), 3.0)
+        keep = torch.tensor([[0, 2, 5, 7]] * 5)
+        model(torch.randn(5, 3, 2, 8, 8), torch.rand(5), torch.rand(5), cond(5), 3.0, keep=keep)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compiled_blocks_match_eager(tiny_model):
     """Per-block torch.compile (with checkpointing inside it): the outputs and gradients of eager, the
     same parameter names, on the first call (compiling) and the second (cached).

@@ -54,15 +54,31 @@ def apply_activation_checkpointing(model: nn.Module, cfg: ParallelSection) -> No
 def apply_compile(model: nn.Module) -> None:
     """torch.compile every block's forward (around its checkpointing, as torchtitan does).
 
-    Shapes: Dynamo's automatic dynamic marking (dynamic=None), as eflow.model.flex does for flex
-    attention. A block compiles for the sizes of its first call; a size that later differs (the batch
-    of an objective's group, the kept tokens, a caption length) is recompiled once as a symbolic size
-    and then covers every value; 0 and 1 stay specialized. dynamic=True would also make every static
-    size symbolic (the grid, the head width) and lose kernels specialized to them.
+    Shapes: the batch and token sizes of a block's inputs (the batch of an objective's group, the kept
+    tokens) are marked dynamic before each call, so its first compilation covers every value; any other
+    size that changes (a caption length) is left to Dynamo's automatic dynamic marking (dynamic=None, as
+    eflow.model.flex does for flex attention): recompiled once as symbolic. 0 and 1 stay specialized.
+    dynamic=True would also make every static size symbolic (the grid, the head width) and lose kernels
+    specialized to them.
     """
     raise_recompile_limit()
     for block in model_blocks(model):
-        block.forward = torch.compile(block.forward, dynamic=None)
+        block.forward = dynamic_batch_and_tokens(torch.compile(block.forward, dynamic=None))
+
+
+def dynamic_batch_and_tokens(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled` with the batch and token sizes of its inputs marked dynamic before every call, so the
+    first call compiles them as symbolic sizes instead of a later call recompiling (one compilation
+    less per variant: gradient on or off, GLGA or softmax, EMA or online)."""
+
+    @functools.wraps(compiled)
+    def run(x, mod, ctx, *args: Any, **kwargs: Any) -> Any:
+        for tensor, dims in ((x, (0, 1)), (mod, (0,)), (ctx.index, (0, 1)), (ctx.rope, (0, 1))):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return compiled(x, mod, ctx, *args, **kwargs)
+
+    return run
 
 
 def parallelize(
