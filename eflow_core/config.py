@@ -272,9 +272,12 @@ class SampleSection(Section):
 
 
 def sampling_settings(section: SampleSection, **flags: Any) -> SampleSection:
-    """`section` with the given command-line flags applied (None = keep), validated by the same model as
-    the config; an error names the flag (--guidance nan), not the field."""
+    """`section` with the given command-line flags applied (None = keep; sampler_options are merged over
+    the section's, e.g. {"shift": 1.0}), validated by the same model as the config; an error names the
+    flag (--guidance nan), not the field."""
     given = {name: value for name, value in flags.items() if value is not None}
+    if "sampler_options" in given:
+        given["sampler_options"] = {**section.sampler_options, **given["sampler_options"]}
     try:
         return SampleSection.model_validate({**section.model_dump(), **given})
     except ValidationError as err:

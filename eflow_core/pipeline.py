@@ -198,7 +198,7 @@ class Pipeline:
             seed=seed,
             sampler=sampler,
             batch_size=batch_size,
-            sampler_options={**self.run.cfg.sample.sampler_options, **(sampler_options or {})},
+            sampler_options=sampler_options,
         )
         name = sampler_name(self.run.cfg.model_copy(update={"sample": settings}))
         impl = get_registry("sampler").create(name, options=settings.sampler_options)  # unknown: the choices

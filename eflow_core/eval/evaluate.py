@@ -101,7 +101,7 @@ def evaluate_run(run: LoadedRun, settings: EvalSettings, progress: Progress | No
         sampler=settings.sampler,
         steps=settings.steps,
         guidance=settings.guidance,
-        sampler_options={**cfg.sample.sampler_options, **settings.sampler_options},
+        sampler_options=settings.sampler_options,
     )
     from eflow.sampling import sampler_name
 
