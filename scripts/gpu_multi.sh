@@ -14,8 +14,9 @@
 #           speed and peak memory, and its losses against one GPU's (the draws do not depend on the
 #           world size, so they differ by bf16 rounding only)
 #   encode  `eflow data encode` with a random-weight Wan 2.1 VAE (the real architecture, no weights
-#           needed for timing) on 256 shapes clips of 33 x 256 x 256: one process against torchrun on
-#           two; the shards must be byte-identical
+#           needed for timing) on ENC_CLIPS (256) shapes clips of 33 x 256 x 256, read by ENC_WORKERS (0)
+#           DataLoader workers per process: one process against torchrun on two; the shards must be
+#           byte-identical
 # PARTS="sp sp_xl fsdp fsdp_sfm encode" (default all). Results in $OUT/multi/ (summary.txt and the logs).
 set -uo pipefail
 source scripts/gpu_setup.sh || exit 1
@@ -87,14 +88,14 @@ EOF
   ls /tmp/sfm2/samples /tmp/sfm2/checkpoints 2>&1 | tee -a "$SUM"
   ;;
 encode)
-  echo "== encode: random-weight Wan 2.1 VAE, 256 shapes clips of 33 x 256 x 256, shards of 16" | tee -a "$SUM"
+  echo "== encode: random-weight Wan 2.1 VAE, ${ENC_CLIPS:=256} shapes clips of 33 x 256 x 256, shards of 16, ${ENC_WORKERS:=0} workers" | tee -a "$SUM"
   python3 - <<'EOF'
 import diffusers, torch
 torch.manual_seed(0)
 diffusers.AutoencoderKLWan().save_pretrained("/tmp/wan_random")  # Wan 2.1's architecture and normalization
 EOF
-  ENC="data encode --data shapes --frames 33 --size 256 --limit 256 --shard-size 16 --batch-size 8
-    --autoencoder wan --vae-path /tmp/wan_random"
+  ENC="data encode --data shapes --frames 33 --size 256 --limit $ENC_CLIPS --shard-size 16 --batch-size 8
+    --workers $ENC_WORKERS --autoencoder wan --vae-path /tmp/wan_random"
   t0=$(now); $EFLOW $ENC --out /tmp/enc1 > "$DEST/encode1.log" 2>&1; r=$?; t1=$(now)
   echo "1 GPU: rc $r, wall $(took "$t0" "$t1") s, $(grep -o 'encoded [0-9]* in [0-9.]* s' "$DEST/encode1.log")" | tee -a "$SUM"
   t0=$(now); $TORCHRUN $ENC --out /tmp/enc2 > "$DEST/encode2.log" 2>&1; r=$?; t1=$(now)

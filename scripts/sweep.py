@@ -14,7 +14,13 @@ SWEEP.toml:
     train = "--objective fm --attn softmax --token-drop none"
     evals = ["--steps 40", "--steps 4"]
 
-Each run is `eflow train ... --out OUT/NAME` followed by its evals (`eflow eval OUT/NAME --metric
+    [runs.student]                 # a distilled run: `eflow distill` from another run of the sweep
+    teacher = "fm"                 # waits for that run's training; [common] train flags do not apply
+    distill = "--steps 1000"       # flags of `eflow distill` (begin with `pipeline` for the three stages,
+                                   # whose MLCD stage, OUT/NAME/3-mlcd, is the run evaluated)
+
+Each run is `eflow train ... --out OUT/NAME` (or `eflow distill ... --teacher OUT/TEACHER --out OUT/NAME`)
+followed by its evals (`eflow eval OUT/NAME --metric
 accuracy,fvd ...`); runs go `--parallel` at a time as separate processes (several fit on one GPU).
 A run that finished before is skipped and one that was interrupted resumes (`--resume`), so a sweep
 can be completed over several sittings. Results: OUT/results.json and OUT/results.md (one row per run
@@ -31,6 +37,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -48,23 +55,64 @@ def words(value) -> list[str]:
     return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
 
 
+def train_command(name: str, spec: dict, common: dict, out: Path) -> list[str]:
+    """The command that trains run `name`, or continues it where an interrupted call left it: `eflow
+    train` (resuming a committed checkpoint), or `eflow distill` from the run named by `teacher` (its
+    stages continue by themselves)."""
+    run_dir = out / name
+    if "distill" in spec:
+        flags = words(spec["distill"])
+        stage = flags[:1] if flags[:1] in (["pipeline"], ["tiles"]) else []
+        teacher = out / spec["teacher"]
+        return [
+            *EFLOW,
+            "distill",
+            *stage,
+            "--teacher",
+            str(teacher),
+            "--out",
+            str(run_dir),
+            *flags[len(stage) :],
+        ]
+    flags = words(common.get("train")) + words(spec.get("train"))
+    started = any((run_dir / "checkpoints").glob("step_*"))  # a committed checkpoint (docs/configuration.md)
+    return [*EFLOW, "train", *flags, "--out", str(run_dir), "--resume" if started else "--overwrite"]
+
+
+def evaluated_dir(name: str, spec: dict, out: Path) -> Path:
+    """The run directory the evals read: the run's own, or the MLCD stage of a distillation pipeline."""
+    pipeline = words(spec.get("distill"))[:1] == ["pipeline"]
+    return out / name / "3-mlcd" if pipeline else out / name
+
+
 def run_one(
-    name: str, spec: dict, common: dict, out: Path, log_dir: Path, gpu: int | None, collect: bool = False
+    name: str,
+    spec: dict,
+    common: dict,
+    out: Path,
+    log_dir: Path,
+    gpu: int | None,
+    collect: bool = False,
+    trained: dict[str, threading.Event] | None = None,
 ) -> list[dict]:
     """Train (or resume) one run, then evaluate it (on CUDA device `gpu` if given); one row per eval.
-    collect: only read what is there (no training, no evaluation)."""
+    collect: only read what is there (no training, no evaluation). trained: one event per run, set once
+    its training is done (or failed), which a distilled run waits for on its teacher's."""
     env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
     call = lambda cmd: subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: E731
     run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
     log = (log_dir / f"{name}.log").open("a")
-    flags = words(common.get("train")) + words(spec.get("train"))
-    started = any((run_dir / "checkpoints").glob("step_*"))  # a committed checkpoint (docs/configuration.md)
     done_marker = run_dir / "train_seconds.json"
     if not done_marker.exists() and collect:
         return [{"run": name, "error": "not trained (--collect)"}]
     if not done_marker.exists():
-        resume = ["--resume"] if started else ["--overwrite"]
-        cmd = [*EFLOW, "train", *flags, "--out", str(run_dir), *resume]
+        teacher = spec.get("teacher")
+        if teacher and trained is not None:
+            trained[teacher].wait()
+        if teacher and not (out / teacher / "train_seconds.json").exists():
+            return [{"run": name, "error": f"teacher {teacher} did not finish training"}]
+        cmd = train_command(name, spec, common, out)
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         t0 = time.time()
@@ -72,7 +120,10 @@ def run_one(
         if rc != 0:
             return [{"run": name, "error": f"train exited {rc} (see {log.name})"}]
         done_marker.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
+    if trained is not None:
+        trained[name].set()
     seconds = json.loads(done_marker.read_text())["seconds"]
+    run_dir = evaluated_dir(name, spec, out)
     rows = []
     for i, ev in enumerate(spec.get("evals", common.get("evals", [""]))):
         report = run_dir / f"eval_{i}.json"
@@ -103,7 +154,7 @@ def run_one(
                 "fvd": round(data["metrics"]["fvd"], 2),
                 "train_step": data["run"]["step"],
                 "train_seconds": seconds,
-                "train": shlex.join(words(spec.get("train"))),
+                "train": shlex.join(words(spec.get("train", spec.get("distill")))),
             }
         )
     return rows
@@ -129,8 +180,8 @@ def table(rows: list[dict]) -> str:
 
 
 def guidance(eval_flags: str) -> str:
-    """' w=G' when an eval's flags set the guidance scale, else ''."""
-    flags = words(eval_flags)
+    """' w=G' when an eval's flags set the guidance scale, else '' (also for "(run's sampler)")."""
+    flags = eval_flags.split()
     return f" w={flags[flags.index('--guidance') + 1]}" if "--guidance" in flags[:-1] else ""
 
 
@@ -202,20 +253,23 @@ def main() -> None:
     order = list(runs)
     devices = [int(d) for d in args.devices.split(",")] if args.devices else list(range(args.gpus))
     done: dict[str, list[dict]] = {}
+    missing = {s["teacher"] for s in runs.values() if "teacher" in s} - set(runs)
+    if missing:
+        sys.exit(f"teacher(s) {', '.join(sorted(missing))} are not runs of this sweep (or not in --only)")
+    trained = {n: threading.Event() for n in runs}
+
+    def one(i: int, name: str) -> list[dict]:
+        try:
+            gpu = devices[i % len(devices)] if devices else None
+            return run_one(name, runs[name], common, args.out, log_dir, gpu, args.collect, trained)
+        finally:
+            trained[name].set()  # also when it failed: its students stop waiting
+
+    # teachers are submitted first, so that a student waiting for its teacher never holds the worker
+    # the teacher needs; GPUs still go by file order
+    submit = sorted(enumerate(runs), key=lambda item: "teacher" in runs[item[1]])
     with ThreadPoolExecutor(args.parallel) as pool:
-        futures = {
-            pool.submit(
-                run_one,
-                n,
-                s,
-                common,
-                args.out,
-                log_dir,
-                devices[i % len(devices)] if devices else None,
-                args.collect,
-            ): n
-            for i, (n, s) in enumerate(runs.items())
-        }
+        futures = {pool.submit(one, i, n): n for i, n in submit}
         for fut in as_completed(futures):
             name = futures[fut]
             done[name] = fut.result()
