@@ -192,7 +192,11 @@ def _run_encode(job, max_shards: int | None) -> None:
     with progress:
         task = progress.add_task("encode", total=total, completed=done, info="")
 
+        items_done: list[float] = []  # when each of rank 0's first batch of items was done (warm-up)
+
         def advance() -> None:
+            if len(items_done) < encoder.batch_size:  # the last: after the autoencoder's first call
+                items_done.append(time.perf_counter())
             progress.update(task, advance=1, info=f"shard {encoder.shards_done - offset + 1}/{shards}")
 
         started = time.perf_counter()
@@ -218,6 +222,7 @@ def _run_encode(job, max_shards: int | None) -> None:
         f"{state}: {counts['encoded']} items encoded, {counts['skipped']} skipped, "
         f"{len(index['shards'])} of {encoder.num_shards} shards in {out} (see {out / INDEX}); "
         f"this call encoded {new} in {seconds:.1f} s ({new / max(seconds, 1e-9):.2f} items/s, start-up not counted)"
+        + (f"; the first batch after {items_done[-1] - started:.1f} s" if items_done else "")
     )
     if index["complete"]:
         say(f"train on them: {job.train_command()}")

@@ -13,6 +13,9 @@
 # fused blocks launch fewer kernels:
 #   small_eager, small_compiled  rungs fm-softmax, sfm-mva, +pdg, +drop
 # and XL with compiled blocks (issue 17's FM + softmax MFU target): train_XL_compiled.
+# sample_XL_tile times a distilled student's sampler at XL (docs/distillation.md): 40x2-step FM, the
+# 4-step segment sampler with softmax, and with the tile mask the B-size search chose in every block
+# (1 reference frame, frame window 1).
 # Needs the wheels the GPU image lacks in .whl/ (as scripts/gpu_attention.sh); writes results, logs and
 # (with matplotlib) bar charts to $OUT/bench_ladders/<part>/. One part per call keeps each call short:
 #   PARTS="train_B sample_B" bash scripts/gpu_bench_ladders.sh
@@ -48,6 +51,10 @@ for part in ${PARTS:-train_B sample_B train_XL sample_XL}; do
     small_eager) ladder "$part" train "${SMALL[@]}" ;;
     small_compiled) ladder "$part" train "${SMALL[@]}" --compile ;;
     train_XL_compiled) ladder "$part" train "${XL[@]}" --batch-size 2 --steps "${STEPS_XL:-5}" --warmup 5 --compile ;;
-    *) echo "unknown part '$part'; choices: train_B sample_B train_XL sample_XL small_eager small_compiled train_XL_compiled"; exit 2 ;;
+    sample_XL_tile) ladder "$part" sample "${XL[@]}" "${VAE[@]}" --batch-size 1 --repeats "${REPEATS_XL:-2}" --warmup 1 \
+      --rung fm-softmax-40x2 --rung 'name=segment-softmax-4,base=fm-softmax-40x2,sampler=segment,steps=4' \
+      --rung 'name=segment-tile-4,base=fm-softmax-40x2,attn=tile,sampler=segment,steps=4' \
+      --set model.attention=tile --set 'model.attention_options={reference_frames=1,frame_window=1}' ;;
+    *) echo "unknown part '$part'; choices: train_B sample_B train_XL sample_XL small_eager small_compiled train_XL_compiled sample_XL_tile"; exit 2 ;;
   esac
 done

@@ -236,6 +236,10 @@ def test_an_unknown_rung_is_one_error_listing_the_choices(command, tmp_path):
         (["--rung", "sfm,sfm"], ["sfm given twice"]),
         (["--grid", "2x4x4"], ["give the clip one way"]),
         (["--dtype", "fp16"], ["--dtype 'fp16'", "bf16, fp32"]),
+        (  # options for a plugin a rung switches to would be dropped there: refused on the base
+            ["--set", "model.attention_options={reference_frames=1}"],
+            ["the base config", "reference_frames", "--set model.attention=tile"],
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(args, fragments, tmp_path):

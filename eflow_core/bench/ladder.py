@@ -132,7 +132,8 @@ def _typed(text: str, key: str, value: Any, like: Any) -> Any:
 
 
 def set_plugin(section: dict[str, Any], name_key: str, options_key: str, name: str) -> None:
-    """Switch a config section's plugin to `name`; the old plugin's options go (they would not fit)."""
+    """Switch a config section's plugin to `name`; the old plugin's options go (they would not fit), so
+    the rung runs `name` with its defaults (ladder_base refuses a base whose options fit no plugin of it)."""
     if section[name_key] != name:
         section[name_key] = name
         section[options_key] = {}
@@ -193,7 +194,17 @@ def ladder_base(
     clip = parse_grid(grid) if grid else grid_for_tokens(parse_token_count(tokens)) if tokens else None
     layers = [load_toml(config)] if config is not None else []
     layers += [extra or {}, config_layer(flags, LADDER_FLAGS), parse_assignments(overrides)]
-    return base_config(layers, clip)
+    base = base_config(layers, clip)
+    try:
+        validate_plugins(base)  # else options meant for another plugin would vanish when a rung switches
+    except EflowError as err:
+        raise ConfigError(
+            f"the base config (defaults, --config, --set): {err}. Options given there belong to the base's "
+            f"own plugins (model.attention = '{base.model.attention}'), and a rung that switches a plugin "
+            "starts from that plugin's defaults; to give a rung's plugin options, make it the base's too, "
+            "e.g. --set model.attention=tile --set 'model.attention_options={frame_window=1}'"
+        ) from None
+    return base
 
 
 def clip_for_grid(cfg: RunConfig, grid: tuple[int, int, int]) -> tuple[int, int, int]:
