@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (device tool): the paper's Tables 2, 3 and 4 at B size (`eflow repro`,
+# docs/repro.md), too long for one 10-minute call. `start` launches `eflow repro $TABLES` in its own
+# process session (so it outlives this command while the machine stays warm) and waits up to WAIT_S;
+# `wait` (the next call, within the machine's warm period) waits for it again. Rows resume where a
+# sitting stopped, so a new machine can continue from a copy of the run folders (weights included).
+# Both copy what is done so far (the tables, the rows' eval reports and metrics; no weights) to $OUT.
+# Scale: B preset, `shapes` 8x16x16 (8x8x8 tokens), batch 32, seed 0, lr 3e-4 (docs/results.md's GPU
+# runs), STEPS (1500) per row, 512 clips per evaluation, PARALLEL (8) rows at once over every GPU.
+#   TABLES=all PARALLEL=8 bash scripts/gpu_repro_bg.sh start; then: bash scripts/gpu_repro_bg.sh wait
+# Needs .whl/ (docs/benchmarks.md).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+R=/tmp/repro
+if [ "${1:-start}" = start ]; then
+  source scripts/gpu_setup.sh || exit 1
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  mkdir -p $R
+  setsid nohup python3 -m eflow.cli.app repro ${TABLES:-all} --preset B --frames 8 --size 16 \
+    --batch-size 32 --steps "${STEPS:-1500}" --seed 0 --set train.lr=3e-4 --eval-num 512 \
+    --parallel "${PARALLEL:-8}" --gpus "$(nvidia-smi -L | wc -l)" --out $R > $R/repro.log 2>&1 < /dev/null &
+  echo $! > $R/pid
+fi
+end=$(( $(date +%s) + ${WAIT_S:-540} ))
+while kill -0 "$(cat $R/pid)" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
+kill -0 "$(cat $R/pid)" 2>/dev/null && echo "repro still running" || echo "repro finished"
+grep -v "━" $R/repro.log | tail -40
+for f in $R/*/*/metrics.jsonl; do echo "$f: $(wc -l < "$f") steps logged"; done
+tar czf "$OUT/repro.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.distcp' -C /tmp repro
