@@ -101,12 +101,13 @@ def test_ac_selects_the_blocks_it_checkpoints(ac, every, blocks):
 
 
 # ----- activation checkpointing ----------------------------------------------------------------------
-def forward_backward(model):
-    """Outputs and gradients of a full pass with dropped tokens plus a weak pass, under one backward."""
+def forward_backward(model, device: torch.device = CPU):
+    """Outputs and gradients of a full pass with dropped tokens plus a weak pass, under one backward
+    (inputs drawn on the CPU, then moved to `device`, where the model is)."""
     torch.manual_seed(1)
-    x, t = torch.randn(3, 3, 2, 8, 8), torch.rand(3)  # tiny: a 2 x 2 x 2 token grid
-    cond = Condition(labels=torch.tensor([1, 2, 3]))
-    keep = torch.tensor([[0, 2, 5, 7], [1, 2, 3, 4], [0, 1, 6, 7]])
+    x, t = torch.randn(3, 3, 2, 8, 8).to(device), torch.rand(3).to(device)  # tiny: a 2 x 2 x 2 token grid
+    cond = Condition(labels=torch.tensor([1, 2, 3], device=device))
+    keep = torch.tensor([[0, 2, 5, 7], [1, 2, 3, 4], [0, 1, 6, 7]], device=device)
     model.zero_grad(set_to_none=True)
     full = model(x, t, 0.5 * t, cond, 3.0, keep=keep)
     weak = model(x, t, t, cond, 0.0, path="weak")
@@ -229,6 +230,30 @@ def test_compiled_blocks_match_eager(tiny_model):
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
     assert list(model.state_dict()) == list(tiny_model.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_blocks_match_eager_on_cuda(tiny_model):
+    """The GPU fast path (Inductor's CUDA kernels, the blocks' compiled flex attention) against eager on
+    the same GPU in fp32: outputs and gradients, compiling and cached; then new batch and kept-token
+    counts compile nothing new (the sizes marked dynamic, as on the CPU)."""
+    cuda = torch.device("cuda")
+    expected_out, expected_grads = forward_backward(copy.deepcopy(tiny_model).to(cuda), cuda)
+    torch._dynamo.reset()
+    model = parallelize(copy.deepcopy(tiny_model).to(cuda), ParallelSection(compile=True), World(), cuda)
+    for _ in range(2):
+        out, grads = forward_backward(model, cuda)
+        torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-4)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-4, msg=name)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cond = Condition(labels=torch.arange(5, device=cuda) % 4)
+    x, t = torch.randn(5, 3, 2, 8, 8, device=cuda), torch.rand(5, device=cuda)
+    with torch.no_grad():
+        model(x, t, t, cond, 3.0)
+        model(x, t, t, cond, 3.0, keep=torch.tensor([[0, 2, 5]] * 5, device=cuda))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 # ----- the memory bound ------------------------------------------------------------------------------
