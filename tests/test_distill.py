@@ -308,9 +308,17 @@ def test_a_distilled_student_samples_with_segment_and_a_rerun_skips(teacher_run,
     assert [r["step"] for r in read_metrics(student_run / "metrics.jsonl")] == [0, 1]
     result = runner.invoke(app, ["sample", str(student_run), "--num", "2", "--device", "cpu"])
     assert result.exit_code == 0 and "'segment' (2 steps, w=4.0)" in result.output, result.output
-    again = ["distill", "--teacher", str(teacher_run), "--out", str(student_run), "--device", "cpu"]
-    result = runner.invoke(app, again)
+    same = ["distill", "--teacher", str(teacher_run), "--out", str(student_run), "--segments", "2"]
+    same += ["--steps", "2", "--teacher-steps", "4", "--batch-size", "2", "--device", "cpu"]
+    result = runner.invoke(app, same)
     assert result.exit_code == 0 and "mlcd: skipped" in result.output, result.output
+    assert "kept its saved settings" not in result.output
+    # a rerun asking for other settings is told that the run in the folder keeps its own
+    other = ["distill", "--teacher", str(teacher_run), "--out", str(student_run), "--device", "cpu"]
+    text = " ".join(runner.invoke(app, [*other, "--segments", "3", "--steps", "5"]).output.split())
+    assert "mlcd: skipped" in text and "kept its saved settings, not this call's" in text, text
+    assert "objective.options.segments 2 (asked 3)" in text and "train.steps 2 (asked 5)" in text, text
+    assert "--resume --steps N" in text
 
 
 def test_the_pipeline_runs_its_stages_in_order_and_resumes(teacher_run, tmp_path):

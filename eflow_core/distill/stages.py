@@ -130,6 +130,40 @@ def checkpoint_step(run_dir: Path) -> int:
     return -1 if step is None else step
 
 
+STAGE_SETTINGS = (  # what the distill flags set: a rerun that asks otherwise is told they were not applied
+    ("objective", "options"),
+    ("model", "attention"),
+    ("model", "attention_options"),
+    ("train", "steps"),
+    ("train", "batch_size"),
+    ("train", "lr"),
+    ("train", "seed"),
+)
+
+
+def ignored_settings(saved: RunConfig, asked: RunConfig) -> str:
+    """'; kept its saved settings, not this call's: FIELD SAVED (asked ASKED), ...' for the distill settings
+    where a rerun asks other values than the run in its folder holds ('' when none differ)."""
+    old, new = saved.model_dump(mode="json"), asked.model_dump(mode="json")
+    changes = []
+    for section, field in STAGE_SETTINGS:
+        a, b = old[section][field], new[section][field]
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += [
+                f"{section}.{field}.{k} {a.get(k)!r} (asked {b.get(k)!r})"
+                for k in sorted(a.keys() | b.keys())
+                if a.get(k) != b.get(k)
+            ]
+        elif a != b:
+            changes.append(f"{section}.{field} {a!r} (asked {b!r})")
+    if not changes:
+        return ""
+    return (
+        f"; kept its saved settings, not this call's: {', '.join(changes)}. Another --out distills with "
+        f"them; `eflow train --out {saved.train.out} --resume --steps N` trains this one further"
+    )
+
+
 def train_stage(
     stage: str, cfg: RunConfig, init_from: Path, *, console: Console | None = None, progress: bool = True
 ) -> StageResult:
@@ -146,10 +180,11 @@ def train_stage(
                 f"{cfg.objective.name!r}; choose another --out"
             )
         step = checkpoint_step(run_dir)
+        kept = ignored_settings(saved, cfg)
         if step >= saved.train.steps:
-            return StageResult(stage, run_dir, "skipped", step, f"finished at step {step}")
+            return StageResult(stage, run_dir, "skipped", step, f"finished at step {step}" + kept)
         result = Trainer(saved, resume=True, console=console, progress=progress).run()
-        return StageResult(stage, run_dir, "continued", result.step, f"from step {step}")
+        return StageResult(stage, run_dir, "continued", result.step, f"from step {step}" + kept)
     kept = init_run(run_dir, cfg, init_from)
     result = Trainer(cfg, resume=True, console=console, progress=progress).run()
     detail = f"from {init_from}" + (f"; {len(kept)} attention weights newly initialized" if kept else "")
