@@ -232,7 +232,9 @@ def resolve_run_config(
     converted: list[str] = []  # sources whose token_drop.stages / data.stages became schedule.stages
     layers: list[dict] = []
     if resume:
-        saved = load_run_config(resume_dir(toml, flags.get("out")), notes=converted)
+        run_dir = resume_dir(toml, flags.get("out"))
+        saved = load_run_config(run_dir, notes=converted)
+        check_resume_keeps_the_model(run_dir, saved, [toml or {}, config_layer(flags, TRAIN_FLAGS)], sets)
         layers.append(saved.model_dump(mode="json"))
     if toml is not None:
         layers.append(toml)
@@ -250,6 +252,29 @@ def resolve_run_config(
     check_plugin_option_flags(cfg, flags)
     check_run_config(cfg)
     return cfg
+
+
+# what a resumed run cannot change: its weights (preset, attention backend) and its objective
+RESUME_FIXED = {"model.preset": "--preset", "model.attention": "--attn", "objective.name": "--objective"}
+
+
+def check_resume_keeps_the_model(
+    run_dir: str, saved: RunConfig, sources: list[Mapping[str, Any]], sets: Iterable[str] | None
+) -> None:
+    """--resume with another preset, attention backend or objective than the saved run's: one clear error
+    naming the field and the flag, before the saved weights or options fail to fit the new choice."""
+    asked, tree = [*sources, parse_assignments(sets)], saved.model_dump(mode="json")
+    for dotted, flag in RESUME_FIXED.items():
+        section, field = dotted.split(".")
+        values = [src[section][field] for src in asked if field in (src.get(section) or {})]
+        have = tree[section][field]
+        if values and values[-1] != have:
+            raise ConfigError(
+                f"--resume continues {run_dir} as it was trained, with {dotted} = {have!r}; "
+                f"{flag} {values[-1]} (or {dotted} in --config / --set) would change "
+                f"{'its objective' if dotted == 'objective.name' else 'its model, whose weights would not load'}. "
+                "Train that as a new run: another --out, or --overwrite to replace this one"
+            )
 
 
 # flags that set one plugin option: flag -> (registry kind, the data-section field naming the plugin, the

@@ -172,6 +172,26 @@ def test_resume_layers_the_saved_config_under_toml_and_flags(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "sets", "message"),
     [
+        ({"attn": "softmax"}, [], "with model.attention = 'glga'; --attn softmax"),
+        ({"preset": "B"}, [], "with model.preset = 'tiny'; --preset B"),
+        ({"objective": "sfm"}, [], "with objective.name = 'pdg-sfm'; --objective sfm"),
+        ({}, ["model.attention=sana"], "--attn sana (or model.attention in --config / --set)"),
+    ],
+)
+def test_resume_refuses_another_model_or_objective_naming_the_flag(tmp_path, flags, sets, message):
+    """Not the saved weights' or options' own errors ('does not fit', 'p_drop: unknown field') for a
+    change the user asked for: one message naming the field, the flag and the way out."""
+    run = saved_run(tmp_path / "run", steps=5, lr=0.25, seed=3)
+    with pytest.raises(ConfigError) as err:
+        resolve_run_config(None, {"out": str(run), **flags}, sets, resume=True)
+    assert message in str(err.value) and "another --out, or --overwrite" in str(err.value)
+    same = resolve_run_config(None, {"out": str(run), "attn": "glga", "preset": "tiny"}, resume=True)
+    assert same.model.attention == "glga"
+
+
+@pytest.mark.parametrize(
+    ("flags", "sets", "message"),
+    [
         ({"drop_until": 1.5}, [], "--drop-until 1.5: give a fraction of the steps in (0, 1]"),
         ({"objective": "fm", "mva": True}, [], "needs an objective of the SFM family"),
         ({"size": "0"}, [], "--size '0': give pixels as N or HxW"),
