@@ -67,7 +67,8 @@ def run_eval(
     extractor_option: Annotated[
         list[str] | None,
         typer.Option(
-            help="extractor option KEY=VALUE (repeatable), e.g. frames=16", rich_help_panel=FEATURES
+            help="extractor option KEY=VALUE (repeatable), e.g. frames=16 for i3d (each extractor's options: docs/eval.md)",
+            rich_help_panel=FEATURES,
         ),
     ] = None,
     real: Annotated[

@@ -161,7 +161,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_rows(spec, plans) -> None:
-    """Each row: the paper's columns and FVD, NFE, steps, the eflow train command of its run, the source."""
+    """Each row picked (--rows): the paper's columns and FVD, NFE, steps, the eflow train command of its
+    run, the source; a table without a picked row is left out."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -169,6 +170,9 @@ def _print_rows(spec, plans) -> None:
 
     console = Console(soft_wrap=True, highlight=False)
     for table_plans in plans.values():
+        table_plans = [p for p in table_plans if p.selected]
+        if not table_plans:
+            continue
         console.print(f"[bold]{table_plans[0].table.title}[/]")
         for p in table_plans:
             paper = ", ".join(f"{k} {v}" for k, v in p.row.paper.items())

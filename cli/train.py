@@ -167,7 +167,10 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
         config: Annotated[
-            Path | None, typer.Option(help="run.toml with any RunConfig fields", rich_help_panel=RUN)
+            Path | None,
+            typer.Option(
+                help="run.toml with any RunConfig fields (or a run's config.json)", rich_help_panel=RUN
+            ),
         ] = None,
         set_: Annotated[
             list[str] | None,

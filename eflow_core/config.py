@@ -384,10 +384,19 @@ def parse_assignments(
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a run.toml, with errors that name the file."""
+    """Read a run.toml, or a run's config.json (a file ending in .json: what every run writes and
+    --print-config prints), with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.suffix.lower() == ".json":
+        try:
+            tree = json.loads(read_utf8(path))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a config is a JSON object of sections, not {type(tree).__name__}")
+        return tree
     try:
         return tomllib.loads(read_utf8(path))
     except tomllib.TOMLDecodeError as err:

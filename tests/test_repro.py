@@ -184,6 +184,9 @@ def test_list_prints_each_rows_train_command(tmp_path):
     text = " ".join(result.output.split())
     assert "eflow train --preset tiny" in text and "--objective sfm --no-mva" in text
     assert f"--out {tmp_path / 'table4' / 'fm'}" in text and "paper FVD 513.8" in text
+    picked = ok(run("repro", "all", "--list", *TINY, "--rows", "fm-4,ours1", "--out", tmp_path)).output
+    assert "fm-4 (FM" in picked and "ours1 (Ours1" in picked, picked
+    assert "sfm-4" not in picked and "base1" not in picked and "Table 3" not in picked, picked
 
 
 # ----- a tiny table, end to end ---------------------------------------------------------------------------

@@ -291,3 +291,22 @@ def test_a_plugin_option_flag_with_a_plugin_without_that_option_names_the_flag_a
         resolve_run_config(None, {"data_root": str(tmp_path)})
     cfg = resolve_run_config(None, {"data": "video-folder", "data_root": str(tmp_path)})
     assert cfg.data.options["root"] == str(tmp_path)
+
+
+def test_a_runs_config_json_is_a_config_file_too(tmp_path):
+    """--config takes what every run writes (config.json) as well as run.toml; bad JSON names the file."""
+    run = saved_run(tmp_path / "run", steps=7, lr=0.125, seed=5)
+    cfg = resolve_run_config(run / "config.json", {"out": str(tmp_path / "again")})
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.seed, cfg.train.out) == (
+        7,
+        0.125,
+        5,
+        str(tmp_path / "again"),
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ConfigError, match=r"bad\.json: not valid JSON"):
+        resolve_run_config(bad, {})
+    bad.write_text("[1]")
+    with pytest.raises(ConfigError, match="a config is a JSON object of sections, not list"):
+        resolve_run_config(bad, {})
