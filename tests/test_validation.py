@@ -4,7 +4,10 @@ validation trains exactly as one without (sampling draws from its own generators
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from rich.console import Console
 from test_eval import i3d_file  # noqa: F401  (a tiny TorchScript I3D: FVD without training a classifier)
 from test_train import losses, tiny_config
 
@@ -35,8 +38,12 @@ def validated_config(out, i3d, **validation):
 
 def test_validation_logs_fvd_every_n_steps_and_leaves_training_unchanged(tmp_path, i3d_file):  # noqa: F811
     Trainer(tiny_config(tmp_path / "plain", steps=4), progress=False).run()
-    Trainer(validated_config(tmp_path / "val", i3d_file), progress=False).run()
+    console = Console(file=io.StringIO(), width=200)
+    Trainer(validated_config(tmp_path / "val", i3d_file), console=console, progress=False).run()
     assert losses(tmp_path / "val") == losses(tmp_path / "plain")  # the training RNG stream is untouched
+    printed = [line for line in console.file.getvalue().splitlines() if line.startswith("validation")]
+    assert [line.split(":")[0] for line in printed] == ["validation at step 2", "validation at step 4"]
+    assert all(" FVD " in line and line.endswith(" s)") for line in printed), printed
     records = read_metrics(tmp_path / "val" / "metrics.jsonl")
     validated = [r["step"] for r in records if "val_fvd" in r]
     assert validated == [1, 3]  # after steps 2 and 4

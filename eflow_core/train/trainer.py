@@ -87,6 +87,13 @@ def check_writable(run_dir: Path) -> None:
 LABELS = "labels.json"  # the dataset's class names, index = label id
 
 
+def validation_line(step: int, scores: dict[str, float]) -> str:
+    """What a validation printed, e.g. "validation at step 500: FVD 4.21, class accuracy 0.980 (12.3 s)"."""
+    parts = [f"FVD {scores['val_fvd']:.2f}"] if "val_fvd" in scores else []
+    parts += [f"class accuracy {scores['val_accuracy']:.3f}"] if "val_accuracy" in scores else []
+    return f"validation at step {step}: {', '.join(parts)} ({scores.get('val_s', 0.0):.1f} s)"
+
+
 def progress_info(record: dict) -> str:
     """The progress line's text: loss, speed and what the step really did (dropping, MVA), e.g.
     "loss 0.5424 6.5 it/s stage 0 (drop 0.75)" or "... stage 1 (dense, mva 0.25)"."""
@@ -670,7 +677,10 @@ class Trainer:
                     now = time.perf_counter()
                     record.update(step=step, it_s=1.0 / max(now - t_last, 1e-9), time=time.time())
                     if cfg.validation.every and done % cfg.validation.every == 0:
-                        record.update(self.validate(done))  # after it_s: its time is not the step's
+                        scores = self.validate(done)  # after it_s: its time is not the step's
+                        record.update(scores)
+                        if scores:  # rank 0
+                            self.console.print(validation_line(done, scores), highlight=False)
                     t_last = time.perf_counter()
                     if log is not None and (step % cfg.train.log_every == 0 or done == total):
                         log.write(record)
