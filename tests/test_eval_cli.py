@@ -68,6 +68,9 @@ def test_eval_writes_eval_json_with_every_protocol_detail(run_dir, cache):
     fvd = report["fvd"]
     assert fvd["label"] == "in-domain FVD" and fvd["comparable_to_published_fvd"] is False
     assert fvd["n_real"] == fvd["n_fake"] == 12 and fvd["covariance"] == "N-1 (unbiased)"
+    # 12 clips for 32-dimensional features (a tiny extractor): said plainly in the table, not as scipy's LinAlgWarning
+    assert fvd["feature_dim"] == 32 and "LinAlgWarning" not in result.output
+    assert "unreliable: 12 clips for 32-dimensional features" in " ".join(result.output.split())
     assert fvd["extractor"]["name"] == "indomain" and fvd["extractor"]["content_hash"].startswith("sha256:")
     assert fvd["extractor"]["protocol"]["frames"] == 4 and "8x8" in fvd["extractor"]["protocol"]["resolution"]
     assert fvd["real"]["dataset"] == "shapes" and fvd["real"]["cache_hit"] is False

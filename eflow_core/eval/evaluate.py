@@ -212,6 +212,7 @@ def evaluate_run(run: LoadedRun, settings: EvalSettings, progress: Progress | No
             "extractor": describe(extractor),
             "n_real": real_stats.n,
             "n_fake": fake_stats.n,
+            "feature_dim": real_stats.dim,  # with n <= dim a covariance is singular: FVD means little
             "covariance": COVARIANCE_LABELS[ddof],
             "eps_added": result.eps_added,
             "sqrtm_imag_max": result.imag_max,

@@ -21,6 +21,7 @@ one (N), which StyleGAN-V's FVD uses. Both are recorded with every result (`COVA
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,11 +117,13 @@ def frechet_distance(
         )
     diff = mu1 - mu2
     eps_added = 0.0
-    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(root).all():
-        eps_added = eps
-        offset = np.eye(len(mu1)) * eps
-        root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # a singular product is reported by the caller (clips <= dimensions)
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(root).all():
+            eps_added = eps
+            offset = np.eye(len(mu1)) * eps
+            root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     imag_max = float(np.abs(np.imag(root)).max()) if np.iscomplexobj(root) else 0.0
     trace_root = float(np.real(np.trace(root)))
     raw = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)

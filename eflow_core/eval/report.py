@@ -67,6 +67,12 @@ def eval_tables(report: dict[str, Any]) -> list[Table]:
         ex = f["extractor"]
         note = "" if f["comparable_to_published_fvd"] else "; not comparable with published FVD"
         eps = f"; eps {f['eps_added']:g} added to the covariances" if f["eps_added"] else ""
+        dim = f.get("feature_dim")  # reports written before it was recorded lack it
+        if dim is not None and min(f["n_real"], f["n_fake"]) <= dim:
+            eps += (
+                f"; [yellow]unreliable: {min(f['n_real'], f['n_fake'])} clips for {dim}-dimensional "
+                f"features make the covariances singular; use --num {dim + 1} or more (several times {dim})[/]"
+            )
         table.add_row(
             f["label"],
             f"{f['value']:.2f}",
