@@ -151,6 +151,10 @@ def run_eval(
         console = _stdout_console()
         for table in eval_tables(report):
             console.print(table)
+        from rich.markup import escape
+
+        for note in report["sampling"].get("notes", []):
+            err_console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
         if "fvd" in report and report["fvd"]["eps_added"]:
             err_console.print(
                 f"note: the covariance product was near singular; eps {report['fvd']['eps_added']:g} was added "

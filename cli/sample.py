@@ -105,6 +105,10 @@ def register(app: typer.Typer) -> None:
                     progress.stop()
             if not result.wrote:
                 return  # a rank 1.. of an --sp group: rank 0 reports
+            from rich.markup import escape
+
+            for note in result.notes:
+                err_console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
             err_console.print(
                 f"[green]sampled[/] {result.num} videos with '{result.sampler}' ({result.steps} steps, "
                 f"w={result.guidance}) from {result.weights} weights at step {result.step} "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from eflow.loaded_run import LoadedRun, load_run
 from eflow.memory_budget import check_fits, sampling_need
 from eflow.registry import get_registry
 from eflow.sampler import StepCallback, takes_callback
-from eflow.sampling import generate, sampler_name, tile
+from eflow.sampling import generate, sampler_name, sampling_notes, tile
 
 BATCH_SEED_STRIDE = 1_000_003  # batch b of a call is seeded with seed + b * BATCH_SEED_STRIDE
 DEFAULT_CAPTION = "a red square moving left"  # a text-conditioned run called without prompts
@@ -55,6 +55,9 @@ class Plan:
     prompts: list[str] | None  # [num] captions of a text-conditioned run
     generator: torch.Generator | None  # None: batch b seeded with settings.seed + b * BATCH_SEED_STRIDE
     reports_steps: bool  # the sampler calls back after each step
+    notes: list[str] = field(
+        default_factory=list
+    )  # eflow.sampling.sampling_notes: settings the run was not trained for
 
     @property
     def num(self) -> int:
@@ -203,6 +206,7 @@ class Pipeline:
         name = sampler_name(self.run.cfg.model_copy(update={"sample": settings}))
         impl = get_registry("sampler").create(name, options=settings.sampler_options)  # unknown: the choices
         plan = Plan(settings, name, None, None, generator, takes_callback(impl))
+        plan.notes = sampling_notes(self.run.cfg, settings)
         if self.condition == "text":
             if labels is not None:
                 raise ConfigError("labels need a class-conditioned run; this run is conditioned on text")

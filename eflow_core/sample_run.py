@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class SampleResult:
     wrote: bool = True  # False on ranks 1.. of a sequence-parallel group: they decode and write nothing
     # wall time of generating and decoding the videos (no loading, no writing of samples.*)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # settings the run was not trained for (Plan.notes)
 
 
 def check_flags(run: LoadedRun, label: int | None, captions: list[str] | None) -> None:
@@ -131,7 +132,7 @@ def sample_run(
             "as its own mp4 (videos/000000.mp4, ...)"
         )
     result = SampleResult(
-        n, plan.sampler, settings.steps, settings.guidance, {}, run.step, run.weights, write
+        n, plan.sampler, settings.steps, settings.guidance, {}, run.step, run.weights, write, notes=plan.notes
     )
     grid: list[torch.Tensor] = []
     set_names = ("samples.mp4", "samples.gif", "samples.png", "videos")  # all a call may write

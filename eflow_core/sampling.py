@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from eflow.condition import Condition
-from eflow.config import RunConfig
+from eflow.config import RunConfig, SampleSection
 from eflow.data.video_io import write_gif, write_grid_png, write_mp4
 from eflow.errors import EflowError
 from eflow.registry import get_registry
@@ -22,6 +22,33 @@ def sampler_name(cfg: RunConfig) -> str:
     if cfg.sample.sampler:
         return cfg.sample.sampler
     return get_registry("objective").get(cfg.objective.name).capability("default_sampler")
+
+
+def sampling_notes(cfg: RunConfig, settings: SampleSection) -> list[str]:
+    """What a user should know about sampling run `cfg` with `settings` (its sample section with the
+    call's flags): a sampler other than the one its objective trains for, and for an objective whose
+    sampling is part of what it learned (capability trained_sampling: MLCD's segments, w, shift), every
+    setting that differs from the run's."""
+    objective = get_registry("objective").get(cfg.objective.name)
+    own = objective.capability("default_sampler")
+    chosen = settings.sampler or own
+    notes = []
+    if chosen != own:
+        notes.append(
+            f"sampler '{chosen}' is not the one {cfg.objective.name} runs are trained for ('{own}'); "
+            "unless it reads the model's output the same way, expect poor samples"
+        )
+    if objective.capability("trained_sampling"):
+        saved = cfg.sample
+        asked = {"steps": settings.steps, "guidance": settings.guidance, **settings.sampler_options}
+        trained = {"steps": saved.steps, "guidance": saved.guidance, **saved.sampler_options}
+        changed = [f"{k} {asked.get(k)} (trained {v})" for k, v in trained.items() if asked.get(k) != v]
+        if changed and chosen == own:
+            notes.append(
+                f"this {cfg.objective.name} run was trained for its own sampling settings; this call "
+                f"changes {', '.join(changed)}"
+            )
+    return notes
 
 
 def sample_labels(num: int, num_classes: int, label: int | None) -> Tensor:

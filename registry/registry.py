@@ -44,8 +44,14 @@ CAPABILITIES: dict[str, dict[str, tuple[type, Any]]] = {
     "attention": {"hybrid": (bool, False), "attend_reads_x": (bool, True)},
     # default_sampler: the sampler `eflow sample` uses for runs trained with this objective;
     # same_calls_every_rank: every rank makes the same model calls in every step whatever its batch draws
-    # (then FSDP may gather weights per call: parallel.fsdp_reshard_after_forward)
-    "objective": {"default_sampler": (str, "euler"), "same_calls_every_rank": (bool, False)},
+    # (then FSDP may gather weights per call: parallel.fsdp_reshard_after_forward); trained_sampling: the
+    # run's sample section (steps, guidance, sampler options) is part of what it learned (an MLCD student's
+    # segments, w and shift), so sampling with other settings gets a note
+    "objective": {
+        "default_sampler": (str, "euler"),
+        "same_calls_every_rank": (bool, False),
+        "trained_sampling": (bool, False),
+    },
     # whether items carry class labels (False: captions only, so a run on it is text-conditioned)
     "dataset": {"labels": (bool, True)},
 }

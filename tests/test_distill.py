@@ -308,6 +308,14 @@ def test_a_distilled_student_samples_with_segment_and_a_rerun_skips(teacher_run,
     assert [r["step"] for r in read_metrics(student_run / "metrics.jsonl")] == [0, 1]
     result = runner.invoke(app, ["sample", str(student_run), "--num", "2", "--device", "cpu"])
     assert result.exit_code == 0 and "'segment' (2 steps, w=4.0)" in result.output, result.output
+    assert "note:" not in result.output
+    # the student learned its segments, w and shift: sampling with others is allowed, with a note
+    other = ["sample", str(student_run), "--num", "2", "--device", "cpu", "--steps", "3", "--guidance", "2"]
+    text = " ".join(runner.invoke(app, other).output.split())
+    assert "note: this mlcd run was trained for its own sampling settings" in text, text
+    assert "steps 3 (trained 2), guidance 2.0 (trained 4.0)" in text, text
+    text = " ".join(runner.invoke(app, [*other[:6], "--sampler", "euler"]).output.split())
+    assert "sampler 'euler' is not the one mlcd runs are trained for ('segment')" in text, text
     same = ["distill", "--teacher", str(teacher_run), "--out", str(student_run), "--segments", "2"]
     same += ["--steps", "2", "--teacher-steps", "4", "--batch-size", "2", "--device", "cpu"]
     result = runner.invoke(app, same)

@@ -96,14 +96,17 @@ def evaluate_run(run: LoadedRun, settings: EvalSettings, progress: Progress | No
     clip = (cfg.data.frames, cfg.data.height, cfg.data.width)
     if settings.sampler is not None:
         get_registry("sampler").get(settings.sampler)
-    cfg.sample = sampling_settings(
+    asked = sampling_settings(
         cfg.sample,
         sampler=settings.sampler,
         steps=settings.steps,
         guidance=settings.guidance,
         sampler_options=settings.sampler_options,
     )
-    from eflow.sampling import sampler_name
+    from eflow.sampling import sampler_name, sampling_notes
+
+    notes = sampling_notes(cfg, asked)  # against the run's own sample section, before it is replaced
+    cfg.sample = asked
 
     sampler = sampler_name(cfg)
     get_registry("sampler").get(sampler).parse_options(cfg.sample.sampler_options)  # a bad option: named
@@ -153,6 +156,7 @@ def evaluate_run(run: LoadedRun, settings: EvalSettings, progress: Progress | No
             "conditions": "classes in turn (balanced)"
             if cfg.data.condition == "label"
             else "captions of the real subset",
+            "notes": notes,  # settings the run was not trained for (eflow.sampling.sampling_notes)
         },
         "metrics": {},
         "timing_s": {},

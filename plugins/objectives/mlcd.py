@@ -331,6 +331,7 @@ def register_objectives(register):
         options=MLCDOptions,
         default_sampler="segment",
         same_calls_every_rank=True,
+        trained_sampling=True,
     )
     register(
         "attn-distill",
