@@ -251,7 +251,21 @@ def resolve_run_config(
     report_notes(converted, notes)
     check_plugin_option_flags(cfg, flags)
     check_run_config(cfg)
+    if notes is not None:
+        notes += idle_flag_notes(cfg, flags)
     return cfg
+
+
+def idle_flag_notes(cfg: RunConfig, flags: Mapping[str, Any]) -> list[str]:
+    """Flags given that this config makes do nothing (stored, never used): a note each."""
+    given = lambda name: flags.get(name) is not None  # noqa: E731
+    notes = []
+    idle = [f"--{n.replace('_', '-')}" for n in SCHEDULE_FLAGS if given(n)]
+    if idle and cfg.token_drop.name == "none":
+        notes.append(f"{', '.join(idle)} do nothing with --token-drop none (no token is dropped)")
+    if given("eval_num") and not cfg.validation.every:
+        notes.append("--eval-num does nothing without --eval-every N (no validation during training)")
+    return notes
 
 
 # what a resumed run cannot change: its weights (preset, attention backend) and its objective

@@ -47,6 +47,18 @@ def test_a_config_without_a_parallel_section_loads_with_everything_off():
     assert (cfg.parallel.ac, cfg.parallel.compile, cfg.parallel.fsdp) == ("off", False, False)
 
 
+def test_fsdp_in_one_process_says_it_trains_unsharded(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    cfg.parallel.fsdp = True
+    console = Console(file=io.StringIO(), width=300)
+    Trainer(cfg, console=console, progress=False).run()
+    assert "parallel.fsdp (--fsdp) with one process: nothing to shard" in console.file.getvalue()
+
+
 def test_the_collective_timeout_comes_from_the_parallel_section(tmp_path, monkeypatch):
     """parallel.timeout_minutes reaches init_process_group: rank 0 previews and validates while the other
     ranks wait in a collective, longer than torch's 10-minute default may allow."""

@@ -310,3 +310,19 @@ def test_a_runs_config_json_is_a_config_file_too(tmp_path):
     bad.write_text("[1]")
     with pytest.raises(ConfigError, match="a config is a JSON object of sections, not list"):
         resolve_run_config(bad, {})
+
+
+def test_flags_this_config_makes_idle_get_a_note():
+    """Flags stored but never used (dropping flags with --token-drop none, --eval-num without
+    --eval-every) are said so, not silently kept."""
+    notes: list[str] = []
+    resolve_run_config(
+        None, {"token_drop": "none", "drop_ratio": 0.5, "dense_every": 3, "eval_num": 8}, notes=notes
+    )
+    assert notes == [
+        "--drop-ratio, --dense-every do nothing with --token-drop none (no token is dropped)",
+        "--eval-num does nothing without --eval-every N (no validation during training)",
+    ]
+    quiet: list[str] = []
+    resolve_run_config(None, {"drop_ratio": 0.5, "eval_num": 8, "eval_every": 2}, notes=quiet)
+    assert quiet == []

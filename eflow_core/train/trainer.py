@@ -179,6 +179,12 @@ class Trainer:
         self.parts: Parts = build_parts(cfg)
         self._check_memory()
         self._note_small_drop()
+        if cfg.parallel.fsdp and self.world.size == 1:
+            self.console.print(
+                "[cyan]note:[/] parallel.fsdp (--fsdp) with one process: nothing to shard, the run trains "
+                "unsharded; start it with torchrun --nproc-per-node N to shard over N GPUs",
+                highlight=False,
+            )
         if self.parts.num_classes is not None:
             cfg.data.num_classes = self.parts.num_classes  # resolved: sampling needs no dataset
         self._fit_autoencoder()  # a no-op when config.json already carries the statistics (resume)
