@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option(help="new directory to write (default: RUN/exports/step_N)")
         ] = None,
     ) -> None:
-        """Write a checkpoint as model.safetensors + ema.safetensors, consolidating a sharded one."""
+        """Write a checkpoint as model.safetensors + ema.safetensors + trainer_state.pt (the optimizer:
+        the export resumes with --resume), consolidating a sharded one."""
         from eflow.train.export import export_checkpoint
 
         def warn(message: str) -> None:

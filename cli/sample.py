@@ -48,7 +48,12 @@ def register(app: typer.Typer) -> None:
         ] = False,
         weights: Annotated[str, typer.Option(help="ema or model (online) weights")] = "ema",
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-        out: Annotated[Path | None, typer.Option(help="output directory (default: RUN_DIR/samples)")] = None,
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                help="output directory (default: RUN_DIR/samples; for RUN/checkpoints/step_N: RUN/samples/step_N)"
+            ),
+        ] = None,
         sp: Annotated[
             int,
             typer.Option(

@@ -250,6 +250,14 @@ class TrainSection(Section):
         description="experiment trackers mirroring metrics and previews: tensorboard, wandb",
     )
 
+    @field_validator("track", mode="before")
+    @classmethod
+    def _track_from_text(cls, track: Any) -> Any:
+        """'tensorboard' or 'tensorboard,wandb' (as --track takes it, e.g. from --set) -> a list."""
+        return (
+            [name.strip() for name in track.split(",") if name.strip()] if isinstance(track, str) else track
+        )
+
     @field_validator("betas")
     @classmethod
     def _betas_in_unit_interval(cls, betas: tuple[float, float]) -> tuple[float, float]:

@@ -33,6 +33,7 @@ from eflow.loaded_run import LoadedRun, load_run
 from eflow.memory_budget import is_out_of_memory, out_of_memory_message
 from eflow.output_set import output_set
 from eflow.pipeline import BATCH_SEED_STRIDE, DEFAULT_CAPTION, Pipeline, generate
+from eflow.run_dir import CHECKPOINTS, step_of
 from eflow.sampling import write_samples
 from eflow.train.distributed import World, init_world, shutdown
 
@@ -221,6 +222,14 @@ def joined_world(device: torch.device) -> Iterator[tuple[World, torch.device]]:
             shutdown(world)
 
 
+def default_samples_dir(run_dir: Path) -> Path:
+    """RUN/samples; for a checkpoint of a run (RUN/checkpoints/step_N) RUN/samples/step_N, so that nothing
+    is written into a checkpoint (whose folder retention may delete)."""
+    if run_dir.parent.name == CHECKPOINTS and step_of(run_dir) is not None:
+        return run_dir.parent.parent / "samples" / run_dir.name
+    return run_dir / "samples"
+
+
 def sample_run_dir(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -236,7 +245,7 @@ def sample_run_dir(
     and conditions (the same seeds), so the videos are one process's; rank 0 alone decodes and writes,
     the result of every other rank has wrote=False and no paths."""
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "samples"
+    out_dir = Path(out_dir) if out_dir is not None else default_samples_dir(run_dir)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     check_processes(sp, int(os.environ.get("WORLD_SIZE", "1")))
     with joined_world(device) as (world, device):

@@ -241,3 +241,16 @@ def test_a_backend_returning_the_wrong_shape_is_named():
             model(x, t, t, Condition(labels=torch.zeros(1, dtype=torch.long)))
     finally:
         host().unregister("wrong-shape-plugin")
+
+
+def test_sampling_a_checkpoint_writes_beside_the_run_not_into_the_checkpoint(tmp_path):
+    """A checkpoint folder may be deleted by retention: its samples go to RUN/samples/step_N."""
+    from eflow.sample_run import default_samples_dir
+
+    run = tmp_path / "run"
+    assert default_samples_dir(run) == run / "samples"
+    assert default_samples_dir(run / "checkpoints" / "step_00000250") == run / "samples" / "step_00000250"
+    assert (
+        default_samples_dir(tmp_path / "exports" / "step_00000250")
+        == tmp_path / "exports" / "step_00000250" / "samples"
+    )

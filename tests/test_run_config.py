@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eflow.config import RunConfig, parse_assignments
+from eflow.config import RunConfig, build_config, parse_assignments
 from eflow.errors import ConfigError, EflowError
 from eflow.run_config import SCHEDULE_FLAGS, SIZE_FLAG, TRAIN_FLAGS, resolve_run_config, resume_dir
 
@@ -326,3 +326,10 @@ def test_flags_this_config_makes_idle_get_a_note():
     quiet: list[str] = []
     resolve_run_config(None, {"drop_ratio": 0.5, "eval_num": 8, "eval_every": 2}, notes=quiet)
     assert quiet == []
+
+
+def test_trackers_given_as_text_become_a_list():
+    """--set train.track=tensorboard (as --track takes it) is the list ['tensorboard'], not a type error."""
+    assert build_config(parse_assignments(["train.track=tensorboard"])).train.track == ["tensorboard"]
+    both = build_config(parse_assignments(["train.track='tensorboard, wandb'"]))
+    assert both.train.track == ["tensorboard", "wandb"]
