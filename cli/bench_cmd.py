@@ -28,7 +28,7 @@ RUNGS, CONFIG = "Rungs", "Config and clip"
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
-        help="a run.toml every rung starts from (e.g. configs/eflow-kinetics-xl.toml); flags and --set win",
+        help="a run.toml every rung starts from, e.g. the paper's XL recipe in configs/; flags and --set win",
         rich_help_panel=CONFIG,
     ),
 ]
@@ -82,7 +82,7 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
-        help="any base-config field, e.g. --set model.attention_options.window_frames=2",
+        help="any base-config field, e.g. --set train.lr=1e-4 (a rung that switches a plugin starts from its defaults)",
         rich_help_panel=CONFIG,
     ),
 ]
@@ -290,7 +290,7 @@ def train_ladder(
     rung: Annotated[
         list[str] | None,
         typer.Option(
-            help="rungs by name, comma-separated (default: fm-softmax,sfm,sfm-mva,+glga,+pdg,+drop), or one "
+            help="rungs by name, comma-separated (default: fm-softmax, sfm, sfm-mva, +glga, +pdg, +drop), or one "
             "custom rung as KEY=VALUE pairs: name, base (a rung to start from), attn, objective, mva, "
             "mva_share, drop, token_drop, e.g. --rung 'name=mine,base=+pdg,drop=0.5'; repeatable",
             rich_help_panel=RUNGS,
@@ -357,8 +357,8 @@ def sample_ladder(
     rung: Annotated[
         list[str] | None,
         typer.Option(
-            help="rungs by name, comma-separated (default: fm-softmax-40x2,solution-softmax-4,solution-glga-4,"
-            "solution-glga-1), or one custom rung as KEY=VALUE pairs: name, base, attn, sampler, steps, "
+            help="rungs by name, comma-separated (default: fm-softmax-40x2, solution-softmax-4, "
+            "solution-glga-4, solution-glga-1), or one custom rung as KEY=VALUE pairs: name, base, attn, sampler, steps, "
             "guidance, e.g. --rung 'name=glga-2,base=solution-glga-4,steps=2'; repeatable",
             rich_help_panel=RUNGS,
         ),
