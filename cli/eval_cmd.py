@@ -141,7 +141,7 @@ def run_eval(
             device=device,
             weights=weights,
             real=real,
-            cov=cov,
+            cov=cov.lower(),
             cache_dir=str(cache_dir) if cache_dir else None,
             use_cache=not no_cache,
         )

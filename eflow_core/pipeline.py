@@ -211,6 +211,10 @@ class Pipeline:
             if labels is not None:
                 raise ConfigError("labels need a class-conditioned run; this run is conditioned on text")
             plan.prompts = _in_turn(list(prompts or [DEFAULT_CAPTION]), settings.num)
+            if not prompts:
+                plan.notes.append(f"no caption given: every video shows {DEFAULT_CAPTION!r} (--caption TEXT)")
+            elif len(prompts) < settings.num:
+                plan.notes.append(f"{len(prompts)} caption(s) taken in turn for {settings.num} videos")
         else:
             if prompts is not None:
                 raise ConfigError("prompts need a text-conditioned run (data.condition = text); give labels")

@@ -18,7 +18,7 @@ from eflow.cli.app import app
 from eflow.condition import Condition
 from eflow.data.video_io import read_video
 from eflow.errors import ConfigError, EflowError
-from eflow.pipeline import BATCH_SEED_STRIDE, PipelineOutput
+from eflow.pipeline import BATCH_SEED_STRIDE, DEFAULT_CAPTION, PipelineOutput
 from eflow.registry import get_registry, hookimpl, host
 from eflow.sampler import Sampler, takes_callback
 from eflow.sampling import generate as preview_generate
@@ -206,6 +206,12 @@ def test_a_text_run_takes_prompts(tmp_path):
     videos = pipe(prompts=["a red square moving left", "a cyan circle growing"], steps=1, progress=False)
     assert len(videos) == 2 and pipe.condition == "text"
     assert len(pipe(prompts="a red square", num=3, steps=1, progress=False)) == 3
+    # what the captions were, where the call did not say them all
+    assert pipe.plan(prompts=["a red square"], num=3).notes == ["1 caption(s) taken in turn for 3 videos"]
+    assert pipe.plan(num=2).notes == [
+        f"no caption given: every video shows {DEFAULT_CAPTION!r} (--caption TEXT)"
+    ]
+    assert pipe.plan(prompts=["a", "b"]).notes == []
     with pytest.raises(ConfigError, match="labels need a class-conditioned run"):
         pipe(labels=[0])
 
