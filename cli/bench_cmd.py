@@ -89,7 +89,12 @@ SetOption = Annotated[
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N", rich_help_panel=TIMING)]
 DtypeOption = Annotated[
     str,
-    typer.Option(help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32", rich_help_panel=TIMING),
+    typer.Option(
+        "--dtype",
+        "--precision",  # eflow train's name for it
+        help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32",
+        rich_help_panel=TIMING,
+    ),
 ]
 SeedOption = Annotated[int, typer.Option(help="seed of weights and random inputs", rich_help_panel=TIMING)]
 PlotOption = Annotated[
