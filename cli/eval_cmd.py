@@ -117,6 +117,7 @@ def run_eval(
 ) -> None:
     """Evaluate a run: generate NUM clips, FVD against NUM real clips, sample class accuracy."""
     from eflow.errors import ConfigError
+    from eflow.eval.classifier_training import WEAK_CLASSIFIER
     from eflow.eval.evaluate import EvalSettings, evaluate
     from eflow.eval.progress import eval_progress
     from eflow.eval.report import EVAL_FILE, eval_tables, write_report
@@ -153,6 +154,13 @@ def run_eval(
             console.print(table)
         from rich.markup import escape
 
+        held = report.get("accuracy", {}).get("classifier", {}).get("heldout_accuracy")
+        if held is not None and held < WEAK_CLASSIFIER:
+            err_console.print(
+                f"[yellow]warning:[/] the in-domain classifier's held-out accuracy is {held:.3f} (below "
+                f"{WEAK_CLASSIFIER}): this class accuracy means little; retrain it with eflow eval "
+                "train-extractor --train-clips N"
+            )
         for note in report["sampling"].get("notes", []):
             err_console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
         if "fvd" in report and report["fvd"]["eps_added"]:
@@ -190,7 +198,7 @@ def train_extractor(
     from rich.table import Table
 
     from eflow.assembly import resolve_device
-    from eflow.eval.classifier_training import ClassifierTraining, train_and_cache
+    from eflow.eval.classifier_training import WEAK_CLASSIFIER, ClassifierTraining, train_and_cache
     from eflow.eval.extractor_data import extractor_data
     from eflow.eval.progress import eval_progress
 
@@ -217,6 +225,12 @@ def train_extractor(
             f"in-domain classifier for {name} {t}x{h}x{w}: held-out accuracy {held['accuracy']:.3f} "
             f"({held['n']} clips)"
         )
+        if held["accuracy"] < WEAK_CLASSIFIER:
+            err_console.print(
+                f"[yellow]warning:[/] held-out accuracy {held['accuracy']:.3f} is below {WEAK_CLASSIFIER}: "
+                "the class accuracy and in-domain FVD measured with it will mean little; train it on more "
+                "clips (--train-clips) or for more epochs (--epochs)"
+            )
         err_console.print(f"[green]cached[/] {path}")
 
 

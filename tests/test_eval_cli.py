@@ -9,6 +9,7 @@ from test_eval import TinyI3D
 from typer.testing import CliRunner
 
 from eflow.cli.app import app
+from eflow.eval.classifier_training import WEAK_CLASSIFIER
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's deprecation notice
 
@@ -83,6 +84,8 @@ def test_eval_writes_eval_json_with_every_protocol_detail(run_dir, cache):
     )
     acc = report["accuracy"]
     assert 0 <= acc["value"] <= 1 and sum(row["n"] for row in acc["per_class"].values()) == 12
+    weak = acc["classifier"]["heldout_accuracy"] < WEAK_CLASSIFIER  # a tiny test classifier may be
+    assert ("the in-domain classifier's held-out accuracy is" in result.output) == weak
 
 
 def test_a_second_eval_reuses_the_cached_real_statistics_and_compare_charts_both(run_dir, cache, tmp_path):

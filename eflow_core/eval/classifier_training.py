@@ -31,6 +31,10 @@ from eflow.eval.classifier import (
 from eflow.eval.clips import load_clips, split_indices
 from eflow.eval.extractor import to_unit_range
 
+# below this held-out accuracy an in-domain classifier tells classes apart too poorly for its class
+# accuracy (and its features' FVD) to mean much; eflow eval says so
+WEAK_CLASSIFIER = 0.9
+
 
 @dataclass
 class ClassifierTraining:
