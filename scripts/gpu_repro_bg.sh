@@ -11,19 +11,14 @@
 # Needs .whl/ (docs/benchmarks.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source scripts/gpu_bg.sh
 R=/tmp/repro
 if [ "${1:-start}" = start ]; then
-  source scripts/gpu_setup.sh || exit 1
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  mkdir -p $R
-  setsid nohup python3 -m eflow.cli.app repro ${TABLES:-all} --preset B --frames 8 --size 16 \
+  bg_start $R python3 -m eflow.cli.app repro ${TABLES:-all} --preset B --frames 8 --size 16 \
     --batch-size 32 --steps "${STEPS:-1500}" --seed 0 --set train.lr=3e-4 --eval-num 512 \
-    --parallel "${PARALLEL:-8}" --gpus "$(nvidia-smi -L | wc -l)" --out $R > $R/repro.log 2>&1 < /dev/null &
-  echo $! > $R/pid
+    --parallel "${PARALLEL:-8}" --gpus "$(nvidia-smi -L | wc -l)" --out $R
 fi
-end=$(( $(date +%s) + ${WAIT_S:-540} ))
-while kill -0 "$(cat $R/pid)" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
-kill -0 "$(cat $R/pid)" 2>/dev/null && echo "repro still running" || echo "repro finished"
-grep -v "━" $R/repro.log | tail -40
+bg_wait $R repro
+grep -v "━" $R/job.log | tail -40
 for f in $R/*/*/metrics.jsonl; do echo "$f: $(wc -l < "$f") steps logged"; done
 tar czf "$OUT/repro.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.distcp' -C /tmp repro

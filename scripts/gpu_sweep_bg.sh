@@ -5,20 +5,14 @@
 # done so far (results.md/json, eval reports, metrics; no weights) to $OUT. Needs .whl/ (docs/benchmarks.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source scripts/gpu_bg.sh
 SW=/tmp/sweep
 if [ "${1:-start}" = start ]; then
-  source scripts/gpu_setup.sh || exit 1
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  GPUS=$(nvidia-smi -L | wc -l)
-  mkdir -p $SW
-  setsid nohup python3 scripts/sweep.py scripts/sweeps/${SWEEP:?}.toml --out $SW --parallel ${PARALLEL:-8} \
-    --gpus $GPUS > $SW/sweep.log 2>&1 < /dev/null &
-  echo $! > $SW/pid
+  bg_start $SW python3 scripts/sweep.py scripts/sweeps/${SWEEP:?}.toml --out $SW --parallel ${PARALLEL:-8} \
+    --gpus "$(nvidia-smi -L | wc -l)"
 fi
-end=$(( $(date +%s) + ${WAIT_S:-540} ))
-while kill -0 "$(cat $SW/pid)" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
-kill -0 "$(cat $SW/pid)" 2>/dev/null && echo "sweep still running" || echo "sweep finished"
-tail -5 $SW/sweep.log
+bg_wait $SW sweep
+tail -5 $SW/job.log
 for f in $SW/*/metrics.jsonl; do n=$(basename $(dirname $f)); echo "$n: $(wc -l < $f) steps logged, last it/s $(tail -1 $f | python3 -c 'import json,sys; print(round(json.loads(sys.stdin.read())["it_s"],2))')"; done
 cat $SW/results.md 2>/dev/null
 cp $SW/results.md $SW/results.json "$OUT/" 2>/dev/null
