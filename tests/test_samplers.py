@@ -131,6 +131,32 @@ def test_solution_sampler_renoising_follows_algorithm_2(noise, cond):
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_solution_sampler_without_renoising_jumps_along_the_map_between_grid_times(noise, cond):
+    """renoise=false: each step is f(x, t_n, t_{n-1}) = x + (t_{n-1} - t_n) F(x, t_n, t_{n-1}), no noise
+    drawn. With F = x / t, f(x, t, s) = (s / t) x, so the state at step n is (t_n / 1) noise exactly."""
+    seen, pairs = [], []
+
+    def model(x, t, s, c, g, path="full", keep=None):
+        seen.append(x.clone())
+        pairs.append((float(t[0]), float(s[0])))
+        return x / t.view(-1, 1, 1, 1, 1)
+
+    sampler = solution.SolutionSampler(renoise=False)
+    a = sampler.sample(model, noise, cond, 3, 4.0, generator=torch.Generator().manual_seed(3))
+    ts = sampling_schedule(3, 3.0).tolist()
+    assert pairs == [(pytest.approx(ts[n]), pytest.approx(ts[n + 1])) for n in range(3)]
+    for n in range(3):
+        assert torch.allclose(seen[n], ts[n] * noise)
+    assert torch.allclose(a, torch.zeros_like(a), atol=1e-6) and sampler.last_nfe == 3
+    b = sampler.sample(model, noise, cond, 3, 4.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)  # deterministic: the generator is not used
+
+
+def test_with_one_step_both_solution_modes_are_the_same_jump(model, noise, cond):
+    one = solution.SolutionSampler(renoise=False).sample(model, noise, cond, 1, guidance=3.0)
+    assert torch.equal(one, solution.SolutionSampler().sample(model, noise, cond, 1, guidance=3.0))
+
+
 def test_a_grid_sampler_implements_one_step_and_the_base_walks_the_grid(noise, cond):
     """A plugin's GridSampler: its step sees every pair of grid times in order, `last_nfe` counts
     nfe_per_step per step and the callback follows every step; its ShiftOptions take only `shift`."""
