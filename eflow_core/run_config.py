@@ -252,7 +252,7 @@ def resolve_run_config(
     check_plugin_option_flags(cfg, flags)
     check_run_config(cfg)
     if notes is not None:
-        notes += idle_flag_notes(cfg, flags)
+        notes += overridden_flag_notes(flags, sets) + idle_flag_notes(cfg, flags)
     return cfg
 
 
@@ -265,6 +265,21 @@ def idle_flag_notes(cfg: RunConfig, flags: Mapping[str, Any]) -> list[str]:
         notes.append(f"{', '.join(idle)} do nothing with --token-drop none (no token is dropped)")
     if given("eval_num") and not cfg.validation.every:
         notes.append("--eval-num does nothing without --eval-every N (no validation during training)")
+    return notes
+
+
+def overridden_flag_notes(flags: Mapping[str, Any], sets: Iterable[str] | None) -> list[str]:
+    """A flag and a --set pair that set the same field differently: --set wins (module docstring, layer 6);
+    say so, since both were asked for."""
+    pairs = parse_assignments(sets)
+    notes = []
+    for name, dotted in TRAIN_FLAGS.items():
+        value, tree = flags.get(name), pairs
+        for part in dotted.split("."):
+            tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+        if value is not None and tree != {} and tree != value:
+            flag = f"--{name.replace('_', '-')}"
+            notes.append(f"--set {dotted}={tree!r} overrides {flag} {value!r} (--set pairs come last)")
     return notes
 
 

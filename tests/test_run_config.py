@@ -333,3 +333,10 @@ def test_trackers_given_as_text_become_a_list():
     assert build_config(parse_assignments(["train.track=tensorboard"])).train.track == ["tensorboard"]
     both = build_config(parse_assignments(["train.track='tensorboard, wandb'"]))
     assert both.train.track == ["tensorboard", "wandb"]
+
+
+def test_a_set_pair_overriding_a_flag_is_said():
+    notes: list[str] = []
+    cfg = resolve_run_config(None, {"steps": 3, "lr": 0.5}, ["train.steps=2", "train.lr=0.5"], notes=notes)
+    assert cfg.train.steps == 2  # --set comes last
+    assert notes == ["--set train.steps=2 overrides --steps 3 (--set pairs come last)"]  # equal lr: quiet
