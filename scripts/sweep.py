@@ -162,21 +162,27 @@ def run_one(
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| run | train flags | steps | sampler | NFE steps | w | class acc. | translations | in-domain FVD "
-        "| train s |"
+        "| run | train flags | steps | sampler | NFE steps | w | sampler options | class acc. | translations "
+        "| in-domain FVD | train s |"
     )
-    lines = [head, "|" + " --- |" * 10]
+    lines = [head, "|" + " --- |" * 11]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['run']} | {r['error']} |" + " |" * 9)
             continue
         moves = "" if r.get("translations") is None else f"{r['translations']:.3f}"
         lines.append(
             f"| {r['run']} | `{r['train']}` | {r['train_step']} | {r['sampler']} | {r['steps']} | "
-            f"{r.get('guidance', '')} | {r['accuracy']:.3f} | {moves} | {r['fvd']:.2f} | "
-            f"{r['train_seconds']:.0f} |"
+            f"{r.get('guidance', '')} | {' '.join(sampler_options(r['eval']))} | {r['accuracy']:.3f} | "
+            f"{moves} | {r['fvd']:.2f} | {r['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def sampler_options(eval_flags: str) -> list[str]:
+    """The KEY=VALUE pairs an eval's flags give with --sampler-option, e.g. ['renoise=false']."""
+    flags = eval_flags.split()
+    return [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--sampler-option"]
 
 
 def guidance(eval_flags: str) -> str:
@@ -194,7 +200,10 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if "error" not in r]
-    labels = [f"{r['run']}\n{r['sampler']} {r['steps']}{guidance(r['eval'])}" for r in rows]
+    labels = [
+        f"{r['run']}\n{r['sampler']} {r['steps']}{guidance(r['eval'])} {' '.join(sampler_options(r['eval']))}".rstrip()
+        for r in rows
+    ]
     colours = ["tab:blue" if r["sampler"] == "euler" else "tab:orange" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows)), 4.2))
     for ax, key, name in ((axes[0], "accuracy", "sample class accuracy (higher is better)"),
