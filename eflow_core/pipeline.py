@@ -55,9 +55,8 @@ class Plan:
     prompts: list[str] | None  # [num] captions of a text-conditioned run
     generator: torch.Generator | None  # None: batch b seeded with settings.seed + b * BATCH_SEED_STRIDE
     reports_steps: bool  # the sampler calls back after each step
-    notes: list[str] = field(
-        default_factory=list
-    )  # eflow.sampling.sampling_notes: settings the run was not trained for
+    # what the caller should know: settings the run was not trained for (eflow.sampling.sampling_notes), captions
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num(self) -> int:

@@ -275,12 +275,18 @@ def overridden_flag_notes(flags: Mapping[str, Any], sets: Iterable[str] | None) 
     notes = []
     for name, dotted in TRAIN_FLAGS.items():
         value, tree = flags.get(name), pairs
-        for part in dotted.split("."):
-            tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-        if value is not None and tree != {} and tree != value:
+        *sections, field = dotted.split(".")
+        for part in sections:
+            tree = _table(tree.get(part))
+        if value is not None and field in tree and tree[field] != value:
             flag = f"--{name.replace('_', '-')}"
-            notes.append(f"--set {dotted}={tree!r} overrides {flag} {value!r} (--set pairs come last)")
+            notes.append(f"--set {dotted}={tree[field]!r} overrides {flag} {value!r} (--set pairs come last)")
     return notes
+
+
+def _table(value: Any) -> Mapping[str, Any]:
+    """A config source's table, or {} where the source has none (or something else: validation says so)."""
+    return value if isinstance(value, Mapping) else {}
 
 
 # what a resumed run cannot change: its weights (preset, attention backend) and its objective
@@ -295,7 +301,7 @@ def check_resume_keeps_the_model(
     asked, tree = [*sources, parse_assignments(sets)], saved.model_dump(mode="json")
     for dotted, flag in RESUME_FIXED.items():
         section, field = dotted.split(".")
-        values = [src[section][field] for src in asked if field in (src.get(section) or {})]
+        values = [src[section][field] for src in asked if field in _table(src.get(section))]
         have = tree[section][field]
         if values and values[-1] != have:
             raise ConfigError(
