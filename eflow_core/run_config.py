@@ -157,6 +157,7 @@ def check_run_config(cfg: RunConfig) -> None:
     in full (defaults included), so config.json records every choice."""
     from eflow.assembly import resolve_plugin_options, validate_plugins
 
+    drop_unneeded_no_mva(cfg)
     if cfg.objective.options.get("mva") and cfg.objective.name == "fm":
         raise ConfigError(
             "objective.options.mva (--mva) needs an objective of the SFM family (sfm, pdg-sfm), not fm"
@@ -166,6 +167,18 @@ def check_run_config(cfg: RunConfig) -> None:
     cfg.train.track = tracker_names(cfg.train.track)  # known names, their packages installed
     if cfg.parallel.sp > 1:
         check_sequence_parallel_heads(cfg)
+
+
+def drop_unneeded_no_mva(cfg: RunConfig) -> None:
+    """`--no-mva` (mva = false) asks for what an objective without an MVA option already does (fm): leave
+    the key out instead of refusing it, so one flag set can switch MVA off for every objective."""
+    from eflow.registry import get_registry
+
+    if cfg.objective.options.get("mva") is not False:
+        return
+    options = get_registry("objective").get(cfg.objective.name).options
+    if options is None or "mva" not in options.model_fields:
+        cfg.objective.options = {k: v for k, v in cfg.objective.options.items() if k != "mva"}
 
 
 def check_sequence_parallel_heads(cfg: RunConfig) -> None:

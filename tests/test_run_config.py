@@ -206,6 +206,14 @@ def test_errors_name_the_flag(flags, sets, message):
     assert message in str(err.value)
 
 
+def test_no_mva_is_accepted_by_an_objective_without_mva():
+    """`--no-mva` asks for what fm does anyway: the key is left out, not refused; sfm keeps it."""
+    fm = resolve_run_config(None, {"objective": "fm", "mva": False})
+    assert "mva" not in fm.objective.options
+    sfm = resolve_run_config(None, {"objective": "sfm", "mva": False})
+    assert sfm.objective.options["mva"] is False
+
+
 def test_every_config_option_of_eflow_train_is_a_known_flag():
     from eflow.cli.app import app
 
