@@ -277,6 +277,9 @@ def main() -> None:
     # teachers are submitted first, so that a student waiting for its teacher never holds the worker
     # the teacher needs; GPUs still go by file order
     submit = sorted(enumerate(runs), key=lambda item: "teacher" in runs[item[1]])
+    # each run process its share of the CPU threads (unless set): N processes at torch's default of one
+    # thread per core oversubscribe the machine
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel)))
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {pool.submit(one, i, n): n for i, n in submit}
         for fut in as_completed(futures):

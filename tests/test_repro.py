@@ -251,6 +251,20 @@ def test_a_parallel_childs_command_line_runs_its_rows(table3, cache):
     assert "claims" not in result.output
 
 
+def test_a_childs_environment_names_its_gpu_and_its_share_of_the_threads(tmp_path, monkeypatch):
+    from eflow.repro.runner import child_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    spec = ReproSpec(table="table3", out=str(tmp_path), parallel=8, gpus=2)
+    env = child_env(spec, 5)
+    assert (env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"]) == ("1", "4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the caller's choice stands
+    assert child_env(ReproSpec(table="table3", out=str(tmp_path), parallel=64), 0)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert child_env(ReproSpec(table="table3", out=str(tmp_path), parallel=64), 0)["OMP_NUM_THREADS"] == "1"
+
+
 def test_an_interrupted_row_resumes_and_the_counted_flops_match_the_prediction(tmp_path, cache):
     from eflow.repro.accounting import CountingTrainer
 

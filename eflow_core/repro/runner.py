@@ -479,6 +479,17 @@ def _ensure_classifiers(plans: list[RowPlan], spec: ReproSpec, console: Console)
             )  # fmt: skip
 
 
+def child_env(spec: ReproSpec, slot: int) -> dict[str, str]:
+    """A child's environment: its GPU (slot % gpus), and its share of the CPU threads unless the caller
+    set OMP_NUM_THREADS (N children each running torch's default of one thread per core oversubscribe
+    the machine, as torchrun's default of 1 avoids)."""
+    env = dict(os.environ)
+    if spec.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % spec.gpus)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.parallel)))
+    return env
+
+
 def _run_children(spec: ReproSpec, plans: dict[str, list[RowPlan]], console: Console) -> dict[str, str]:
     """Run every unfinished run directory of the tables `spec.parallel` at a time as child processes."""
     todo: list[list[RowPlan]] = []
@@ -496,9 +507,7 @@ def _run_children(spec: ReproSpec, plans: dict[str, list[RowPlan]], console: Con
     def child(group: list[RowPlan]) -> tuple[list[RowPlan], int, Path]:
         slot = slots.get()  # a slot per running child: its GPU is slot % gpus
         try:
-            env = dict(os.environ)
-            if spec.gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot % spec.gpus)
+            env = child_env(spec, slot)
             table = group[0].table.name
             argv = spec.child_argv(table, [p.row.name for p in group])
             log = spec.table_dir(table) / "logs" / f"{group[0].run_dir.name}.log"
