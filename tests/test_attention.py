@@ -265,6 +265,21 @@ def test_glga_options():
     assert window_radius((21, 30, 52), 6) == 4680
 
 
+def test_glga_gate_init_zero_starts_every_gate_at_one_half_inside_the_model():
+    """The model's xavier init runs first; gate_init = 'zero' restores W_g = 0 (init_weights), so
+    sigmoid(X W_g) = 0.5 for any input; the default keeps xavier's input-dependent gates."""
+    from eflow.model.dit import build_model
+
+    torch.manual_seed(0)
+    zero = build_model("tiny", attention="glga", attention_options={"gate_init": "zero"})
+    default = build_model("tiny", attention="glga")
+    gates = [m.gate for m in zero.modules() if isinstance(m, GLGAttention)]
+    assert gates and all(g.weight.abs().sum() == 0 and g.bias.abs().sum() == 0 for g in gates)
+    x = torch.randn(2, 5, gates[0].in_features)
+    assert torch.equal(torch.sigmoid(gates[0](x)), torch.full((2, 5, 2), 0.5))
+    assert all(m.gate.weight.abs().sum() > 0 for m in default.modules() if isinstance(m, GLGAttention))
+
+
 # ----- GPU: compiled flex vs the reference -----------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

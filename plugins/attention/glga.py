@@ -60,6 +60,11 @@ class GLGAOptions(BaseModel):
     gate_per_head: bool = Field(
         False, description="Gate each head separately: W_g is D x 2H instead of D x 2."
     )
+    gate_init: Literal["xavier", "zero"] = Field(
+        "xavier",
+        description="W_g's init: 'xavier' (the model's linears; gates start spread over (0, 1)) or 'zero' "
+        "(every gate starts at 0.5 and becomes input-aware as it trains). The paper does not say.",
+    )
     impl: flex.Impl = Field(
         "auto",
         description="Local branch: 'reference' (dense masked SDPA), 'flex' (band flex_attention), "
@@ -190,13 +195,19 @@ class GLGAttention(SelfAttention):
         window_frames: int = 4,
         branches: Literal["gated", "sum", "linear", "window"] = "gated",
         gate_per_head: bool = False,
+        gate_init: Literal["xavier", "zero"] = "xavier",
         impl: flex.Impl = "auto",
     ):
         super().__init__(dim, num_heads)
         opts = GLGAOptions(
-            window_frames=window_frames, branches=branches, gate_per_head=gate_per_head, impl=impl
+            window_frames=window_frames,
+            branches=branches,
+            gate_per_head=gate_per_head,
+            gate_init=gate_init,
+            impl=impl,
         )
         self.window_frames, self.branches, self.impl = opts.window_frames, opts.branches, opts.impl
+        self.gate_init = opts.gate_init
         self.use_global = opts.branches in ("gated", "sum", "linear")
         self.use_local = opts.branches in ("gated", "sum", "window")
         self.norm_global = RMSNorm(self.head_dim, eps=1e-6) if self.use_global else None
@@ -205,6 +216,13 @@ class GLGAttention(SelfAttention):
             nn.Linear(dim, 2 * (num_heads if gate_per_head else 1)) if opts.branches == "gated" else None
         )
         self.gate_per_head = opts.gate_per_head and self.gate is not None
+
+    def init_weights(self) -> None:
+        """gate_init = 'zero': W_g = 0 and its bias 0, so g = 0.5 everywhere at the start (the model calls
+        this after its xavier init of every linear)."""
+        if self.gate is not None and self.gate_init == "zero":
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def for_heads(self, start: int, stop: int) -> GLGAttention:
         """Heads [start, stop) alone (sequence parallelism): a per-head gate keeps those heads' rows, laid
