@@ -3,7 +3,8 @@
 For each GLGA block of each run: the mean and spread of g_global and g_local over real clips of the
 run's dataset noised to time t (x_t = (1 - t) x0 + t x1, FM's path), with their labels and guidance 0,
 and the share of gates saturated (below 0.05 or above 0.95), where the sigmoid's slope is under 0.05
-and a gate barely moves any more. Dense calls, as at sampling.
+and a gate barely moves any more. Dense calls, as at sampling; the FM loss of the same call is printed
+too (a run's closed gates need not show in its loss).
 
     python scripts/glga_gates.py RUN [RUN ...] [--num 32] [--t 0.5] [--device cpu] [--weights ema|model]
 
@@ -23,7 +24,8 @@ from eflow.condition import Condition
 
 
 def gate_stats(run: str, num: int, t: float, device: str, weights: str = "ema") -> list[dict]:
-    """One row per GLGA block with a gate: name, mean/std of each gate, saturated share."""
+    """The FM loss of the call, then one row per GLGA block with a gate: name, mean/std of each gate,
+    saturated share."""
     pipe = Pipeline.from_run(run, device=device, weights=weights)
     parts, cfg = pipe.run.parts, pipe.run.cfg
     model = parts.model
@@ -47,10 +49,10 @@ def gate_stats(run: str, num: int, t: float, device: str, weights: str = "ema") 
         x_t = (1 - t) * x0 + t * x1
         times = torch.full((num,), t, device=pipe.device)
         cond = Condition(labels=labels) if cfg.data.condition == "label" else None
-        model(x_t, times, times, cond, torch.zeros(num, device=pipe.device))
+        F = model(x_t, times, times, cond, torch.zeros(num, device=pipe.device))
     for hook in hooks:
         hook.remove()
-    rows = []
+    rows = [{"block": "(FM loss)", "loss": (F - (x1 - x0)).square().mean().item()}]
     for name, parts_seen in seen.items():
         g = torch.cat(parts_seen)  # [B, M, 2, 1 or H]
         g_global, g_local = g[:, :, 0], g[:, :, 1]
@@ -75,7 +77,9 @@ def main() -> None:
     args = ap.parse_args()
     for run in args.runs:
         print(run)
-        for r in gate_stats(run, args.num, args.t, args.device, args.weights):
+        loss, *blocks = gate_stats(run, args.num, args.t, args.device, args.weights)
+        print(f"  FM loss at t = {args.t} on these clips: {loss['loss']:.4f}")
+        for r in blocks:
             (gm, gs), (lm, ls) = r["g_global"], r["g_local"]
             print(
                 f"  {r['block']:16s} g_global {gm:.3f} (sd {gs:.3f})  g_local {lm:.3f} (sd {ls:.3f})"
