@@ -61,8 +61,8 @@ def glga_reference(module, q, k, v, ctx, x):
         return o_local
     if module.branches == "sum":
         return o_global + o_local
-    g = torch.sigmoid(x @ module.gate.weight.T + module.gate.bias)  # [B, M, 2] or [B, M, 2H]
-    g = g.unflatten(-1, (2, -1))[..., None]  # [B, M, 2, 1 or H, 1]
+    logits = (x @ module.gate.weight.T + module.gate.bias).unflatten(-1, (2, -1))  # [B, M, 2, 1 or H]
+    g = (torch.sigmoid(logits) if module.gate_fn == "sigmoid" else torch.softmax(logits, dim=2))[..., None]
     return g[:, :, 0] * o_global + g[:, :, 1] * o_local
 
 
@@ -123,6 +123,27 @@ def test_glga_options_match_reference(branches, gate_per_head):
         GLGAttention(DIM, HEADS, window_frames=2, branches=branches, gate_per_head=gate_per_head)
     )
     check_against_reference(module, make_ctx(keep=40), glga_reference)
+
+
+@pytest.mark.parametrize("gate_per_head", [False, True])
+def test_glga_softmax_gate_matches_reference_and_its_gates_sum_to_one(gate_per_head):
+    """gate_fn = 'softmax': the module, its own reference() and the reference here agree; the two
+    gates of a token sum to 1; with the same weights the paper's sigmoid gate gives another output."""
+    module = perturbed(
+        GLGAttention(DIM, HEADS, window_frames=2, gate_fn="softmax", gate_per_head=gate_per_head)
+    )
+    ctx = make_ctx(keep=40)
+    check_against_reference(module, ctx, glga_reference)
+    torch.manual_seed(2)
+    x = torch.randn(ctx.index.shape[0], ctx.index.shape[1], DIM, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v = module.project(x, ctx)
+        torch.testing.assert_close(module.reference(q, k, v, ctx, x), glga_reference(module, q, k, v, ctx, x))
+        g = torch.softmax(module.gate(x).unflatten(-1, (2, -1)), dim=2)
+        torch.testing.assert_close(g.sum(dim=2), torch.ones_like(g[:, :, 0]))
+        sigmoid = perturbed(GLGAttention(DIM, HEADS, window_frames=2, gate_per_head=gate_per_head))
+        sigmoid.load_state_dict(module.state_dict())
+        assert not torch.allclose(module.attend(q, k, v, ctx, x), sigmoid.attend(q, k, v, ctx, x))
 
 
 def test_glga_on_kept_tokens_equals_dense_grid_without_dropped_keys():

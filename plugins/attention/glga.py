@@ -60,6 +60,11 @@ class GLGAOptions(BaseModel):
     gate_per_head: bool = Field(
         False, description="Gate each head separately: W_g is D x 2H instead of D x 2."
     )
+    gate_fn: Literal["sigmoid", "softmax"] = Field(
+        "sigmoid",
+        description="Eq. (7)'s gate: 'sigmoid' (the paper: each branch in [0, 1], both can close) or "
+        "'softmax' over the two branches (they sum to 1: one can close, not both; not the paper's).",
+    )
     gate_init: Literal["xavier", "zero"] = Field(
         "xavier",
         description="W_g's init: 'xavier' (the model's linears; gates start spread over (0, 1)) or 'zero' "
@@ -195,6 +200,7 @@ class GLGAttention(SelfAttention):
         window_frames: int = 4,
         branches: Literal["gated", "sum", "linear", "window"] = "gated",
         gate_per_head: bool = False,
+        gate_fn: Literal["sigmoid", "softmax"] = "sigmoid",
         gate_init: Literal["xavier", "zero"] = "xavier",
         impl: flex.Impl = "auto",
     ):
@@ -203,11 +209,12 @@ class GLGAttention(SelfAttention):
             window_frames=window_frames,
             branches=branches,
             gate_per_head=gate_per_head,
+            gate_fn=gate_fn,
             gate_init=gate_init,
             impl=impl,
         )
         self.window_frames, self.branches, self.impl = opts.window_frames, opts.branches, opts.impl
-        self.gate_init = opts.gate_init
+        self.gate_fn, self.gate_init = opts.gate_fn, opts.gate_init
         self.use_global = opts.branches in ("gated", "sum", "linear")
         self.use_local = opts.branches in ("gated", "sum", "window")
         self.norm_global = RMSNorm(self.head_dim, eps=1e-6) if self.use_global else None
@@ -256,12 +263,14 @@ class GLGAttention(SelfAttention):
             return self.global_branch(q, k, v)
         if self.branches == "window":
             return self.local_branch(q, k, v, ctx)
-        if self.branches == "gated" and q.is_cuda and flex.resolve_impl(self.impl, q) == "flex":
+        fusable = self.branches == "gated" and self.gate_fn == "sigmoid"  # gated_glga has the sigmoid
+        if fusable and q.is_cuda and flex.resolve_impl(self.impl, q) == "flex":
             return self.attend_fused(q, k, v, ctx, x)
         o_global, o_local = self.global_branch(q, k, v), self.local_branch(q, k, v, ctx)
         if self.branches == "sum":
             return o_global + o_local
-        g = torch.sigmoid(self.gate(x)).unflatten(-1, (2, -1))[..., None]  # [B, M, 2, 1 or H, 1]
+        logits = self.gate(x).unflatten(-1, (2, -1))  # [B, M, 2, 1 or H]
+        g = (torch.sigmoid(logits) if self.gate_fn == "sigmoid" else logits.softmax(dim=2))[..., None]
         return g[:, :, 0] * o_global + g[:, :, 1] * o_local  # (7), (8)
 
     def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
@@ -296,8 +305,13 @@ class GLGAttention(SelfAttention):
             o_local = rms(dense_attention(q, k, v, mask), self.norm_local.weight)
         if self.branches != "gated":
             return o_global + o_local  # "sum"; "linear" / "window" have the other branch at 0
-        g = torch.sigmoid(x @ self.gate.weight.T + self.gate.bias).unflatten(-1, (2, -1))[..., None]
-        return g[:, :, 0] * o_global + g[:, :, 1] * o_local
+        logits = (x @ self.gate.weight.T + self.gate.bias).unflatten(-1, (2, -1))  # [B, M, 2, 1 or H]
+        if self.gate_fn == "sigmoid":
+            g = 1 / (1 + torch.exp(-logits))
+        else:  # softmax over the two branches
+            e = torch.exp(logits - logits.amax(dim=2, keepdim=True))
+            g = e / e.sum(dim=2, keepdim=True)
+        return g[:, :, 0, ..., None] * o_global + g[:, :, 1, ..., None] * o_local
 
     def flops(self, ctx: TokenContext, batch: int) -> float:
         """Linear branch 4 M d^2 per head; band 4 d per (query, key in its window) per head; gate 4 M D."""
@@ -331,7 +345,10 @@ class GLGAttention(SelfAttention):
         return " + ".join(parts)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, window_frames={self.window_frames}, branches={self.branches}, impl={self.impl}"
+        return (
+            f"{super().extra_repr()}, window_frames={self.window_frames}, branches={self.branches}, "
+            f"gate_fn={self.gate_fn}, impl={self.impl}"
+        )
 
 
 @hookimpl
