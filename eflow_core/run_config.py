@@ -157,11 +157,7 @@ def check_run_config(cfg: RunConfig) -> None:
     in full (defaults included), so config.json records every choice."""
     from eflow.assembly import resolve_plugin_options, validate_plugins
 
-    drop_unneeded_no_mva(cfg)
-    if cfg.objective.options.get("mva") and cfg.objective.name == "fm":
-        raise ConfigError(
-            "objective.options.mva (--mva) needs an objective of the SFM family (sfm, pdg-sfm), not fm"
-        )
+    check_mva_option(cfg)
     validate_plugins(cfg)
     resolve_plugin_options(cfg)
     cfg.train.track = tracker_names(cfg.train.track)  # known names, their packages installed
@@ -169,16 +165,22 @@ def check_run_config(cfg: RunConfig) -> None:
         check_sequence_parallel_heads(cfg)
 
 
-def drop_unneeded_no_mva(cfg: RunConfig) -> None:
-    """`--no-mva` (mva = false) asks for what an objective without an MVA option already does (fm): leave
-    the key out instead of refusing it, so one flag set can switch MVA off for every objective."""
+def check_mva_option(cfg: RunConfig) -> None:
+    """objective.options.mva (--mva / --no-mva) on an objective without an MVA option (fm): `--no-mva`
+    asks for what it does anyway, so the key is left out (one flag set can switch MVA off for every
+    objective); `--mva` is refused, naming the objectives that have it."""
     from eflow.registry import get_registry
 
-    if cfg.objective.options.get("mva") is not False:
-        return
+    mva = cfg.objective.options.get("mva")
     options = get_registry("objective").get(cfg.objective.name).options
-    if options is None or "mva" not in options.model_fields:
-        cfg.objective.options = {k: v for k, v in cfg.objective.options.items() if k != "mva"}
+    if mva is None or (options is not None and "mva" in options.model_fields):
+        return
+    if mva:
+        raise ConfigError(
+            f"objective.options.mva (--mva) needs an objective of the SFM family (sfm, pdg-sfm), "
+            f"not {cfg.objective.name}"
+        )
+    cfg.objective.options = {k: v for k, v in cfg.objective.options.items() if k != "mva"}
 
 
 def check_sequence_parallel_heads(cfg: RunConfig) -> None:
