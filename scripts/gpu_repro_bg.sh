@@ -9,6 +9,7 @@
 # runs), STEPS (1500) per row, 512 clips per evaluation, PARALLEL (8) rows at once over every GPU.
 #   TABLES=all PARALLEL=8 bash scripts/gpu_repro_bg.sh start; then: bash scripts/gpu_repro_bg.sh wait
 #   ROWS=ours3,ours4 TABLES=table2 PARALLEL=2 bash scripts/gpu_repro_bg.sh start   # some rows only
+#   CUDA_VISIBLE_DEVICES=1 GPUS=0 ... start     # every row on GPU 1 (GPUS=0: children keep the parent's devices)
 # Needs .whl/ (docs/benchmarks.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,7 +18,7 @@ R=/tmp/repro
 if [ "${1:-start}" = start ]; then
   bg_start $R python3 -m eflow.cli.app repro ${TABLES:-all} --preset B --frames 8 --size 16 \
     --batch-size 32 --steps "${STEPS:-1500}" --seed 0 --set train.lr=3e-4 --eval-num 512 \
-    --parallel "${PARALLEL:-8}" --gpus "$(nvidia-smi -L | wc -l)" ${ROWS:+--rows "$ROWS"} --out $R
+    --parallel "${PARALLEL:-8}" --gpus "${GPUS:-$(nvidia-smi -L | wc -l)}" ${ROWS:+--rows "$ROWS"} --out $R
 fi
 bg_wait $R repro
 grep -v "━" $R/job.log | tail -40
