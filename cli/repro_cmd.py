@@ -102,6 +102,15 @@ def register(app: typer.Typer) -> None:
                 rich_help_panel=RUN,
             ),
         ] = 0,
+        report_only: Annotated[
+            bool,
+            typer.Option(
+                "--report-only",
+                help="write each table's report from the row folders under --out (e.g. rows finished in "
+                "several sittings, copied back without weights); train and evaluate nothing",
+                rich_help_panel=RUN,
+            ),
+        ] = False,
         worker: Annotated[int, typer.Option(hidden=True)] = 0,
     ) -> None:
         """Retrain and re-evaluate the rows of EFlow Table 2, 3 or 4 at a chosen scale (docs/repro.md)."""
@@ -131,6 +140,7 @@ def register(app: typer.Typer) -> None:
                 parallel=parallel,
                 gpus=gpus,
                 worker=worker,
+                report_only=report_only,
             )
             if list_:
                 _print_rows(spec, plan(spec))

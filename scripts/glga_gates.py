@@ -30,14 +30,18 @@ def gate_stats(run: str, num: int, t: float, device: str, weights: str = "ema") 
     parts, cfg = pipe.run.parts, pipe.run.cfg
     model = parts.model
     seen: dict[str, list[torch.Tensor]] = {}
-    hooks = []
+    wrapped = []
     for name, module in model.named_modules():
         if getattr(module, "gate", None) is not None and type(module).__name__ == "GLGAttention":
+            # wrap attend (not the gate Linear: CUDA's fused gated_glga reads gate.weight without calling it)
+            def attend(q, k, v, ctx, x, module=module, name=name, inner=module.attend):
+                logits = module.gate(x).float().unflatten(-1, (2, -1))  # [B, M, 2, 1 or H]
+                g = torch.sigmoid(logits) if module.gate_fn == "sigmoid" else logits.softmax(dim=2)
+                seen.setdefault(name, []).append(g)
+                return inner(q, k, v, ctx, x)
 
-            def keep(_module, _inputs, out, name=name):
-                seen.setdefault(name, []).append(torch.sigmoid(out.float()).unflatten(-1, (2, -1)))
-
-            hooks.append(module.gate.register_forward_hook(keep))
+            module.attend = attend
+            wrapped.append(module)
     dataset = build_dataset(cfg)
     items = [dataset[i] for i in range(num)]
     video = torch.stack([item["video"] for item in items]).to(pipe.device)
@@ -50,8 +54,8 @@ def gate_stats(run: str, num: int, t: float, device: str, weights: str = "ema") 
         times = torch.full((num,), t, device=pipe.device)
         cond = Condition(labels=labels) if cfg.data.condition == "label" else None
         F = model(x_t, times, times, cond, torch.zeros(num, device=pipe.device))
-    for hook in hooks:
-        hook.remove()
+    for module in wrapped:
+        del module.attend  # the class's method again
     rows = [{"block": "(FM loss)", "loss": (F - (x1 - x0)).square().mean().item()}]
     for name, parts_seen in seen.items():
         g = torch.cat(parts_seen)  # [B, M, 2, 1 or H]

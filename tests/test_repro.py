@@ -3,6 +3,7 @@
 import functools
 import json
 import shlex
+import shutil
 
 import pytest
 from conftest import assert_clean_error, ok, run_cli
@@ -238,6 +239,21 @@ def test_rerunning_skips_finished_rows(table3, cache):
     # --parallel with nothing left to do starts no child
     result = ok(run(*args, *TINY, "--steps", 2, *EVAL, "--cache-dir", cache, "--out", out, "--parallel", 2))
     assert "gated: done, skipped" in " ".join(result.output.split())
+
+
+def test_report_only_writes_the_table_from_copied_folders_without_weights(table3, cache, tmp_path):
+    """Rows finished elsewhere, copied back without weights: the report is rebuilt, nothing is trained."""
+    out, _, _ = table3
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.pt", "results.json"))
+    rest = [*TINY, "--steps", 2, *EVAL, "--cache-dir", cache, "--out", copy]
+    result = ok(run("repro", "table3", "--extra-row", "mine=--attn softmax --nfe 2", "--report-only", *rest))
+    doc = json.loads((copy / "table3" / "results.json").read_text())
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert rows["gated"]["status"] == "done" and rows["mine"]["status"] == "done", result.output
+    assert rows["sum"]["status"] == "not run" and not (copy / "table3" / "sum").exists()  # nothing trained
+    before = json.loads((out / "table3" / "results.json").read_text())
+    assert rows["gated"]["eval"] == {r["row"]: r for r in before["rows"]}["gated"]["eval"]
 
 
 def test_a_parallel_childs_command_line_runs_its_rows(table3, cache):

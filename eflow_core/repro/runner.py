@@ -90,6 +90,7 @@ class ReproSpec:
     parallel: int = 1  # rows at once (child processes when > 1)
     gpus: int = 0  # CUDA devices children cycle over (0: leave CUDA_VISIBLE_DEVICES alone)
     worker: int = 0  # > 0: a child of a --parallel parent running that many at once (writes no report)
+    report_only: bool = False  # write the tables from the run folders on disk; train and evaluate nothing
 
     def check(self) -> None:
         if self.match not in MATCH_CHOICES:
@@ -327,7 +328,9 @@ def run_repro(spec: ReproSpec, console: Console | None = None, command: str = ""
     console = console or Console(stderr=True)
     plans = plan(spec)
     errors: dict[str, str] = {}
-    if spec.parallel > 1 and not spec.worker:
+    if spec.report_only:
+        pass  # e.g. rows finished in several sittings on other machines, their folders copied here
+    elif spec.parallel > 1 and not spec.worker:
         _ensure_classifiers([p for ps in plans.values() for p in ps if p.selected], spec, console)
         errors.update(_run_children(spec, plans, console))
     else:
