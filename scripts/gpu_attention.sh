@@ -2,7 +2,8 @@
 # Run on the lent GPU machine (device tool): every attention backend's GPU tests (fast path vs its CPU
 # reference, bf16/fp32, forward and gradients, with and without dropped tokens), then the side-by-side
 # benchmark of docs/benchmarks.md. Needs the wheels the GPU image lacks in .whl/; writes logs and results
-# to $OUT.
+# to $OUT. HEADS / HEAD_DIM choose the head layout (default 12 x 128); XL's is 16 x 72 (1152 / 16), e.g.
+#   SKIP_TESTS=1 ATTN=softmax,glga TOKENS=32760 DROP=0 HEADS=16 HEAD_DIM=72 bash scripts/gpu_attention.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source scripts/gpu_setup.sh || exit 1
@@ -14,6 +15,6 @@ fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   python3 -m eflow.cli.app bench attention --attn ${ATTN:-softmax,glga,sana,sla,vsa,tile} \
     --tokens ${TOKENS:-8k,32760,125000} --drop ${DROP:-0,0.75} --mode fwd,fwd+bwd \
-    --heads 12 --head-dim 128 --batch 1 --dtype bf16 --warmup ${WARMUP:-3} --repeats ${REPEATS:-10} \
+    --heads ${HEADS:-12} --head-dim ${HEAD_DIM:-128} --batch 1 --dtype bf16 --warmup ${WARMUP:-3} --repeats ${REPEATS:-10} \
     --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -60
 fi
