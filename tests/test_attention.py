@@ -308,12 +308,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_glga_compiled_flex_matches_reference_on_cuda(dtype):
+@pytest.mark.parametrize("gate_fn", ["sigmoid", "softmax"])  # fused gated_glga / the unfused CUDA path
+def test_glga_compiled_flex_matches_reference_on_cuda(dtype, gate_fn):
     grid, dim, heads = (8, 16, 16), 256, 4  # N = 2048; 75% dropped -> M = 512; radius 512
     ctx = make_ctx(grid, batch=2, keep=512, head_dim=dim // heads, device="cuda")
     torch.manual_seed(6)
-    reference = GLGAttention(dim, heads, impl="reference").cuda()
-    flex = GLGAttention(dim, heads, impl="flex").cuda()
+    reference = GLGAttention(dim, heads, gate_fn=gate_fn, impl="reference").cuda()
+    flex = GLGAttention(dim, heads, gate_fn=gate_fn, impl="flex").cuda()
     flex.load_state_dict(reference.state_dict())
     x = torch.randn(2, 512, dim, device="cuda")
     tol = 1e-3 if dtype == torch.float32 else 2e-2
