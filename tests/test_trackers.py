@@ -1,6 +1,7 @@
 """--track: trackers get every metric and preview the trainer writes, a resumed run continues the same
 tracked run without duplicates, a missing package is one line naming the extra. tensorboard and wandb
-are optional: fakes stand in for their writers. Also: --data captions infers --condition text."""
+are optional: fakes stand in for their writers, and TensorBoard's own reader checks the real writer's
+files where the package is installed (the dev extras). Also: --data captions infers --condition text."""
 
 from __future__ import annotations
 
@@ -58,12 +59,12 @@ def fake_tensorboard(monkeypatch):
     return FakeEventFiles.dirs
 
 
-def test_tensorboard_gets_every_metric_and_preview_and_resume_adds_no_duplicates(tmp_path, fake_tensorboard):
-    out = tmp_path / "run"
-    cfg = tiny_config(out, steps=4, save_every=2, preview_every=2, track=["tensorboard"])
+def crash_in_step_4_then_resume(out: Path, after_crash=None) -> None:
+    """A tracked tiny run of 4 steps that crashes in its 4th (steps 0..2 logged, the checkpoint of 2
+    steps kept), `after_crash()`, then the resumed run to the end."""
     original = Trainer.train_step
 
-    def crash_in_step_3(self, step):  # steps 0..2 logged; the checkpoint of 2 steps is kept
+    def crash_in_step_3(self, step):
         if step == 3:
             raise KeyboardInterrupt
         return original(self, step)
@@ -71,27 +72,64 @@ def test_tensorboard_gets_every_metric_and_preview_and_resume_adds_no_duplicates
     Trainer.train_step = crash_in_step_3
     try:
         with pytest.raises(EflowError, match="aborted during step 4"):
-            Trainer(cfg, progress=False).run()
+            Trainer(tiny_config(out, steps=4, save_every=2, preview_every=2, track=["tensorboard"]),
+                    progress=False).run()  # fmt: skip
     finally:
         Trainer.train_step = original
-    events = fake_tensorboard[str(out / "tensorboard")]
-    assert {step for _, step in events["scalars"]} == {0, 1, 2}  # step 2 logged before the crash
+    if after_crash is not None:
+        after_crash()
     Trainer(tiny_config(out, steps=4, save_every=2, preview_every=2, track=["tensorboard"]), resume=True,
             progress=False).run()  # fmt: skip
 
-    events = fake_tensorboard[str(out / "tensorboard")]
-    assert events["opened"] == [0, 2]  # a fresh run, then purge from the checkpoint's step
-    expected = {
+
+def metrics_by_tag_and_step(out: Path) -> dict[tuple[str, int], tuple[float, float]]:
+    """(tag, step) -> (value, wall time) of every numeric field of the run's metrics.jsonl."""
+    return {
         (key, record["step"]): (float(value), record["time"])
         for record in read_metrics(out / "metrics.jsonl")
         for key, value in record.items()
         if key not in ("step", "time")
     }
+
+
+def test_tensorboard_gets_every_metric_and_preview_and_resume_adds_no_duplicates(tmp_path, fake_tensorboard):
+    out = tmp_path / "run"
+
+    def logged_before_resume():
+        events = fake_tensorboard[str(out / "tensorboard")]
+        assert {step for _, step in events["scalars"]} == {0, 1, 2}  # step 2 logged before the crash
+
+    crash_in_step_4_then_resume(out, logged_before_resume)
+    events = fake_tensorboard[str(out / "tensorboard")]
+    assert events["opened"] == [0, 2]  # a fresh run, then purge from the checkpoint's step
+    expected = metrics_by_tag_and_step(out)
     assert events["scalars"] == expected  # every metric of metrics.jsonl, once, with its wall time
     assert {"loss", "lr", "it_s", "grad_norm"} <= {tag for tag, _ in expected}
     # previews after 2 steps (before the crash) and after 4 (the end), at their last step's index
     assert sorted(events["images"]) == [("preview", 1), ("preview", 3)]
     assert ("config", 0) in events["text"]
+
+
+def test_tensorboards_own_reader_sees_every_metric_once_after_a_crash_and_resume(tmp_path):
+    """The real SummaryWriter and TensorBoard's own EventAccumulator (the tensorboard package, in the
+    dev extras): what TensorBoard shows is metrics.jsonl, with the crashed run's step 2 replaced."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    crash_in_step_4_then_resume(out)
+    shown = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    shown.Reload()
+    events = [(tag, event) for tag in shown.Tags()["scalars"] for event in shown.Scalars(tag)]
+    seen = {(tag, event.step): (event.value, event.wall_time) for tag, event in events}
+    expected = metrics_by_tag_and_step(out)
+    assert len(events) == len(seen)  # no (tag, step) twice: the crashed run's step 2 is purged
+    assert seen.keys() == expected.keys()  # every metric at every step
+    for key, (value, wall_time) in expected.items():
+        assert seen[key][0] == pytest.approx(value, rel=1e-6, abs=1e-12), key  # float32 in the events
+        assert seen[key][1] == pytest.approx(wall_time, abs=1e-3), key
+    assert [event.step for event in shown.Images("preview")] == [1, 3]
+    assert "config/text_summary" in shown.Tags()["tensors"]
 
 
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, monkeypatch):
