@@ -63,3 +63,14 @@ class ParallelSection(BaseModel):
         """Whether global block `index` (encoder, middle, decoder order) is checkpointed."""
         every = self.checkpoint_every
         return every > 0 and index % every == 0
+
+    def known_issue(self, device_type: str) -> str | None:
+        """A measured failure of this combination on `device_type`, to say before training; None if none."""
+        if self.ac == "selective" and self.compile and device_type == "cuda":
+            return (
+                "ac = selective with compile: in the one run measured (XL, the EFlow recipe, H200, torch "
+                "2.11) the gradient norm was ~6 for four steps, then 1.6e6, then nan, where selective "
+                "eager and full + compile trained; not reproduced on the CPU (docs/scaling.md). "
+                "--ac full or --no-compile are the measured combinations"
+            )
+        return None
