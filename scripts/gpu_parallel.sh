@@ -15,6 +15,9 @@
 #   CASES="fm-off-compile fm-full-compile fm-selective-compile" bash scripts/gpu_parallel.sh
 #   CASES="eflow-off eflow-full eflow-selective" bash scripts/gpu_parallel.sh
 #   CASES="eflow-off-compile eflow-full-compile eflow-selective-compile" bash scripts/gpu_parallel.sh
+# GLGA_OPTIONS (JSON) sets the eflow cases' model.attention_options and TAG suffixes the case names, e.g.
+#   TORCH_LOGS=graph_breaks,recompiles CASES=eflow-selective-compile GLGA_OPTIONS='{"gate_fn": "softmax"}' \
+#     TAG=-gsoftmax bash scripts/gpu_parallel.sh
 # Needs the wheels the GPU image lacks in .whl/ (as scripts/gpu_attention.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; DEST="$OUT/gpu_parallel"; mkdir -p "$DEST"
@@ -27,22 +30,23 @@ ALL="fm-off fm-full fm-selective fm-off-compile fm-full-compile fm-selective-com
 ALL="$ALL eflow-off eflow-full eflow-selective eflow-off-compile eflow-full-compile eflow-selective-compile"
 for case in ${CASES:-$ALL}; do
   echo "== $case"
-  CASE=$case STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DEST=$DEST python3 - <<'EOF' 2>&1 | tee "$DEST/$case.log" | tail -4
+  CASE=$case STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DEST=$DEST python3 - <<'EOF' 2>&1 | tee "$DEST/$case${TAG:-}.log" | tail -4
 import json, os, statistics, shutil
 from eflow.config import build_config
 from eflow.train.trainer import Trainer
 
-case, dest = os.environ["CASE"], os.environ["DEST"]
+case, dest, tag = os.environ["CASE"], os.environ["DEST"], os.environ.get("TAG", "")
 steps, warmup = int(os.environ["STEPS"]), int(os.environ["WARMUP"])
 recipe, ac, *rest = case.split("-")
 dense = [{"start": 0.0, "end": 1.0, "drop_ratio": 0.0, "mva_share": 0.25 if recipe == "eflow" else 0.0}]
 layers = {
     "fm": {"model": {"attention": "softmax"}, "objective": {"name": "fm", "options": {}},
            "token_drop": {"name": "none"}, "schedule": {"stages": dense}},
-    "eflow": {"model": {"attention": "glga"}, "objective": {"name": "pdg-sfm", "options": {"mva": True}},
+    "eflow": {"model": {"attention": "glga", "attention_options": json.loads(os.environ.get("GLGA_OPTIONS") or "{}")},
+              "objective": {"name": "pdg-sfm", "options": {"mva": True}},
               "schedule": {"stages": dense}},
 }[recipe]
-run = f"/tmp/gpu_parallel/{case}"
+run = f"/tmp/gpu_parallel/{case}{tag}"
 shutil.rmtree(run, ignore_errors=True)
 cfg = build_config(layers, {
     "model": {"preset": "XL"},
@@ -59,13 +63,13 @@ try:
 except Exception as err:  # an OOM is a result too
     status = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
 records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")] if os.path.exists(f"{run}/metrics.jsonl") else []
-shutil.copy(f"{run}/metrics.jsonl", f"{dest}/{case}.jsonl") if records else None
+shutil.copy(f"{run}/metrics.jsonl", f"{dest}/{case}{tag}.jsonl") if records else None
 timed = [r["it_s"] for r in records[warmup:]]
 it_s = statistics.median(timed) if timed else float("nan")
 peak = max((r.get("mem_gb", float("nan")) for r in records), default=float("nan"))
-print(f"{case}: {it_s:.3f} it/s, peak {peak:.1f} GiB, {status}")
+print(f"{case}{tag}: {it_s:.3f} it/s, peak {peak:.1f} GiB, {status}")
 with open(f"{dest}/summary.tsv", "a") as f:
-    f.write(f"{case}\t{len(records)}\t{it_s:.4f}\t{peak:.2f}\t{status}\n")
+    f.write(f"{case}{tag}\t{len(records)}\t{it_s:.4f}\t{peak:.2f}\t{status}\n")
 EOF
 done
 column -t -s $'\t' "$DEST/summary.tsv" 2>/dev/null || cat "$DEST/summary.tsv"  # no column(1) on the GPU image
