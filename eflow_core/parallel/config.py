@@ -64,13 +64,15 @@ class ParallelSection(BaseModel):
         every = self.checkpoint_every
         return every > 0 and index % every == 0
 
-    def known_issue(self, device_type: str) -> str | None:
-        """A measured failure of this combination on `device_type`, to say before training; None if none."""
-        if self.ac == "selective" and self.compile and device_type == "cuda":
+    def known_issue(self, device_type: str, attention: str) -> str | None:
+        """A measured failure of these settings with this attention backend on `device_type`, to say
+        before training; None if none is known."""
+        if self.compile and device_type == "cuda" and attention == "glga" and self.ac != "full":
             return (
-                "ac = selective with compile: in the one run measured (XL, the EFlow recipe, H200, torch "
-                "2.11) the gradient norm was ~6 for four steps, then 1.6e6, then nan, where selective "
-                "eager and full + compile trained; not reproduced on the CPU (docs/scaling.md). "
-                "--ac full or --no-compile are the measured combinations"
+                f"compile with ac = {self.ac} and GLGA on CUDA: in the runs measured (XL, the EFlow recipe, "
+                "H200, torch 2.11) the gradient norm jumped to 1e6-2.5e6 on every step whose weak-path call "
+                "held one sample (then nan with ac = selective), where eager gave 3.6-6.8 on the same data; "
+                "not reproduced on the CPU (docs/scaling.md). --no-compile, or --ac full (whose "
+                "checkpointed GLGA blocks are not compiled whole), trained as eager did"
             )
         return None

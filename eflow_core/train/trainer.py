@@ -185,7 +185,7 @@ class Trainer:
                 "unsharded; start it with torchrun --nproc-per-node N to shard over N GPUs",
                 highlight=False,
             )
-        issue = cfg.parallel.known_issue(self.device.type)
+        issue = cfg.parallel.known_issue(self.device.type, cfg.model.attention)
         if issue:
             self.console.print(f"[yellow]warning:[/] {issue}", highlight=False)
         if self.parts.num_classes is not None:
