@@ -40,41 +40,35 @@ def timed(fn, warmup: int = 2, reps: int = 7) -> float:
 
 
 class WindowFA2(torch.autograd.Function):
-    """Sliding-window softmax through FlashAttention-2 as PyTorch bundles it: q, k, v [B, N, H, d]."""
+    """Sliding-window softmax through FlashAttention-2 as PyTorch bundles it: q, k, v [1, N, H, d].
+
+    The aten backward takes its sequence offsets as tensors and treats any defined tensor as
+    variable-length input, so both directions run the variable-length form: one sequence, offsets
+    [0, N], tokens flattened to [N, H, d]. (The first probe passed empty offsets to the backward:
+    "batch size must be positive".)"""
 
     @staticmethod
     def forward(ctx, q, k, v, radius):
         n = q.shape[1]
+        offsets = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+        q, k, v = q[0], k[0], v[0]  # [N, H, d]
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, None, None, n, n, 0.0, False, False, window_size_left=radius, window_size_right=radius
-        )
-        ctx.save_for_backward(q, k, v, out, lse, rng, unused)
+            q, k, v, offsets, offsets, n, n, 0.0, False, False,
+            window_size_left=radius, window_size_right=radius,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, rng, unused, offsets)
         ctx.radius = radius
-        return out
+        return out[None]
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, rng, unused = ctx.saved_tensors
-        n, empty = q.shape[1], torch.empty(0, dtype=torch.int32, device=q.device)
+        q, k, v, out, lse, rng, unused, offsets = ctx.saved_tensors
+        n = q.shape[0]
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(),
-            q,
-            k,
-            v,
-            out,
-            lse,
-            empty,
-            empty,
-            n,
-            n,
-            0.0,
-            False,
-            rng,
-            unused,
-            window_size_left=ctx.radius,
-            window_size_right=ctx.radius,
-        )
-        return dq, dk, dv, None
+            grad[0].contiguous(), q, k, v, out, lse, offsets, offsets, n, n, 0.0, False, rng, unused,
+            window_size_left=ctx.radius, window_size_right=ctx.radius,
+        )  # fmt: skip
+        return dq[None], dk[None], dv[None], None
 
 
 def main() -> None:
