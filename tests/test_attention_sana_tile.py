@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_inputs import listed_blocks, perturbed, real_block_pairs, rel_err
+from off_init import perturb
 
 from eflow.condition import Condition
 from eflow.errors import ConfigError
@@ -402,6 +403,7 @@ def test_tiny_model_trains_with_and_without_dropping_and_every_parameter_learns(
 def test_sana_model_runs_under_bf16_autocast_with_dropping():
     torch.manual_seed(0)
     model = build_model("tiny", overrides={"patch": (1, 2, 2)}, attention="sana")
+    perturb(model)  # off AdaLN-Zero's start: at init the output and every block's gradient are zero
     x = torch.randn(2, 3, 4, 8, 8)
     t = torch.tensor([0.9, 0.4])
     keep = (
@@ -413,8 +415,10 @@ def test_sana_model_runs_under_bf16_autocast_with_dropping():
         out = model(x, t, t * 0.5, Condition(labels=torch.tensor([1, 2])), keep=keep)
         ffn_out = model.middle[0].ffn(torch.randn(2, 32, 96), make_ctx((4, 4, 4), keep=32, head_dim=24))
     assert out.dtype == ffn_out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert out.float().abs().mean() > 0.01
     out.float().square().mean().backward()
-    assert model.middle[0].ffn.temporal_conv.weight.grad is not None
+    grad = model.middle[0].ffn.temporal_conv.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0
 
 
 # ----- GPU: fast paths vs the references -------------------------------------------------------------

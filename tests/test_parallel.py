@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from off_init import perturb
 from PIL import Image
 from test_eval import i3d_file  # noqa: F401  (a tiny TorchScript I3D)
 from test_train import losses, tiny_config
@@ -136,11 +137,7 @@ def perturbed_tiny():
     whatever the blocks computed (these did, until the tenth session). A small move (0.05): at 0.2 the
     activations reach ~2,000 and fp32 rounding alone moves some gate gradients by tens of percent."""
     torch.manual_seed(0)
-    model = build_model("tiny")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturb(build_model("tiny"))
 
 
 @pytest.fixture(scope="module")

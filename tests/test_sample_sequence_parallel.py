@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from off_init import mean_output, start_runs_off_init
 from PIL import Image
 from sequence_counting import count_sequence_all_to_alls
 from test_train import tiny_config
@@ -33,9 +34,15 @@ SAMPLE = ["--steps", "2", "-n", "2", "--seed", "5", "--device", "cpu"]  # --num:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A tiny EFlow run (4 heads, 8 tokens per clip) trained for 2 steps."""
+    """A tiny EFlow run (4 heads, 8 tokens per clip) trained for 2 steps from weights moved off their
+    initialization: from AdaLN-Zero's start the blocks' share of the sampled frames stays far below a
+    uint8 level after 2 steps (halving every attention output changed no pixel), so the comparison
+    below would hold whatever the split model computed."""
     out = tmp_path_factory.mktemp("sample-sp") / "run"
-    Trainer(tiny_config(out, steps=2, threads=1), progress=False).run()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        start_runs_off_init(monkeypatch)
+        Trainer(tiny_config(out, steps=2, threads=1), progress=False).run()
+    assert mean_output(out) > 0.1  # off init (~0.02 from init)
     return out
 
 
@@ -81,7 +88,9 @@ def test_sp_other_than_the_process_count_is_one_error_naming_both(tmp_path, run_
     )
     assert proc.returncode != 0
     assert "--sp 3 needs exactly 3 processes" in proc.stderr and "this job has 2" in proc.stderr, proc.stderr
-    assert proc.stderr.count("error: --sp 3") == 2  # each rank's one line (torchrun adds its own summary)
+    # one line per rank at most (torchrun adds its own summary); torchrun stops the other rank when the
+    # first fails, sometimes before that rank has printed its line (seen once in ten runs)
+    assert 1 <= proc.stderr.count("error: --sp 3") <= 2, proc.stderr
     assert "sample_run.py" not in proc.stderr  # no traceback from eflow
     assert not list(tmp_path.iterdir())
 
