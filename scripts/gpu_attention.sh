@@ -6,6 +6,7 @@
 #   SKIP_TESTS=1 ATTN=softmax,glga TOKENS=32760 DROP=0 HEADS=16 HEAD_DIM=72 bash scripts/gpu_attention.sh
 # BRANCHES times GLGA's branches apart (before the side-by-side bench; SKIP_BENCH=1 skips that), e.g.
 #   SKIP_TESTS=1 SKIP_BENCH=1 BRANCHES="gated window linear sum" DROP=0,0.75 bash scripts/gpu_attention.sh
+# GLGA_SET adds glga options to the BRANCHES runs, e.g. GLGA_SET="--set glga.linear_precision=input" TAG=-lin16
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source scripts/gpu_setup.sh || exit 1
@@ -18,10 +19,10 @@ if [ -n "${BRANCHES:-}" ]; then  # GLGA's parts timed apart, e.g. BRANCHES="gate
   # window = the flex band + its norm, linear = the fp32 Q(K^T V) branch + its norm; only "gated" with the
   # sigmoid gate runs the one fused graph (gated_glga), the others the unfused path
   for b in $BRANCHES; do
-    python3 -m eflow.cli.app bench attention --attn glga --set glga.branches=$b \
+    python3 -m eflow.cli.app bench attention --attn glga --set glga.branches=$b ${GLGA_SET:-} \
       --tokens ${TOKENS:-32760} --drop ${DROP:-0} --mode fwd,fwd+bwd --heads ${HEADS:-12} --head-dim ${HEAD_DIM:-128} \
       --batch 1 --dtype ${DTYPE:-bf16} --warmup ${WARMUP:-3} --repeats ${REPEATS:-10} --no-plot \
-      --out "$OUT/bench_glga_$b" 2>&1 | tee "$OUT/bench_glga_$b.log" | grep -E "glga|error" | tail -4
+      --out "$OUT/bench_glga_$b${TAG:-}" 2>&1 | tee "$OUT/bench_glga_$b${TAG:-}.log" | grep -E "glga|error" | tail -4
   done
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then

@@ -211,9 +211,11 @@ def test_flex_band_on_inputs_padded_to_the_block_equals_the_reference(keep):
     torch.testing.assert_close(padded, expected)
 
 
+@pytest.mark.parametrize("linear_fp32", [True, False])
 @pytest.mark.parametrize("keep", [None, 40])
-def test_fused_gated_glga_of_the_cuda_path_equals_the_reference(keep):
-    """gated_glga (compiled as a whole on CUDA) run eagerly here, on inputs padded as attend_fused pads them."""
+def test_fused_gated_glga_of_the_cuda_path_equals_the_reference(keep, linear_fp32):
+    """gated_glga (compiled as a whole on CUDA) run eagerly here, on inputs padded as attend_fused pads
+    them; in fp64 the linear branch in the inputs' dtype (linear_fp32=False) is exact too."""
     from torch.nn.functional import pad
 
     from eflow.plugins.attention.glga import band_block_mask, gated_glga, window_radius
@@ -231,7 +233,7 @@ def test_fused_gated_glga_of_the_cuda_path_equals_the_reference(keep):
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         out = gated_glga(
             q, k, v, pad(x, (0, 0, 0, rows)), block_mask, module.norm_global.weight,
-            module.norm_local.weight, module.gate.weight, module.gate.bias,
+            module.norm_local.weight, module.gate.weight, module.gate.bias, linear_fp32,
         )  # fmt: skip
     torch.testing.assert_close(out[:, :m], expected, atol=1e-5, rtol=1e-5)  # the linear branch runs in fp32
 
@@ -261,6 +263,34 @@ def test_linear_branch_is_fp32_under_bf16_autocast():
     assert out.dtype == torch.float32
     assert bf16.dtype == torch.bfloat16  # what autocast would have done without the guard
     assert rel_err(out, exact) < 1e-5 < rel_err(bf16, exact)
+
+
+def test_linear_branch_in_the_inputs_dtype_is_bf16_and_within_bf16_rounding():
+    """linear_precision = 'input': bf16 in, bf16 out (fp32 accumulation inside the matmuls), its error
+    against fp64 that of bf16 rounding, larger than the fp32 branch's."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 512, 2, 16).bfloat16() for _ in range(3))
+    exact = linear_attention_reference(q.double(), k.double(), v.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_attention(q, k, v, "input")
+        fp32 = linear_attention(q, k, v)
+    assert out.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    assert rel_err(fp32, exact) < 1e-5 < rel_err(out, exact) < 2e-2
+
+
+def test_glga_with_the_linear_branch_in_bf16_stays_close_to_fp32():
+    """The module's option: exact in fp64 (the reference), within bf16 rounding of the fp32 branch
+    under bf16 autocast (after the RMSNorm, which both run in fp32)."""
+    module = perturbed(GLGAttention(DIM, HEADS, window_frames=2, linear_precision="input"))
+    check_against_reference(module, make_ctx(keep=40), glga_reference)
+    fast = GLGAttention(DIM, HEADS, linear_precision="input")
+    exact = GLGAttention(DIM, HEADS)
+    exact.load_state_dict(fast.state_dict())
+    ctx, x = make_ctx(keep=30), torch.randn(BATCH, 30, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y_fast, y_exact = fast(x, ctx), exact(x, ctx)
+    assert "bfloat16 einsum" in fast.kernel(torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16))
+    assert 0 < rel_err(y_fast, y_exact) < 2e-2
 
 
 def test_glga_runs_under_bf16_autocast():
@@ -308,13 +338,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("gate_fn", ["sigmoid", "softmax"])  # fused gated_glga / the unfused CUDA path
-def test_glga_compiled_flex_matches_reference_on_cuda(dtype, gate_fn):
+@pytest.mark.parametrize(
+    "gate_fn, linear_precision",
+    [("sigmoid", "fp32"), ("softmax", "fp32"), ("sigmoid", "input"), ("softmax", "input")],
+)  # fused gated_glga / the unfused CUDA path, the linear branch in fp32 / in the inputs' dtype
+def test_glga_compiled_flex_matches_reference_on_cuda(dtype, gate_fn, linear_precision):
     grid, dim, heads = (8, 16, 16), 256, 4  # N = 2048; 75% dropped -> M = 512; radius 512
     ctx = make_ctx(grid, batch=2, keep=512, head_dim=dim // heads, device="cuda")
     torch.manual_seed(6)
     reference = GLGAttention(dim, heads, gate_fn=gate_fn, impl="reference").cuda()
-    flex = GLGAttention(dim, heads, gate_fn=gate_fn, impl="flex").cuda()
+    flex = GLGAttention(dim, heads, gate_fn=gate_fn, impl="flex", linear_precision=linear_precision).cuda()
     flex.load_state_dict(reference.state_dict())
     x = torch.randn(2, 512, dim, device="cuda")
     tol = 1e-3 if dtype == torch.float32 else 2e-2

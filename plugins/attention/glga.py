@@ -75,6 +75,12 @@ class GLGAOptions(BaseModel):
         description="Local branch: 'reference' (dense masked SDPA), 'flex' (band flex_attention), "
         "'auto' (flex on CUDA, reference on CPU). flex on CPU runs eagerly, forward only (tests).",
     )
+    linear_precision: Literal["fp32", "input"] = Field(
+        "fp32",
+        description="Global branch Q (K^T V): 'fp32' (q, k, v cast up, fp32 products) or 'input' (in "
+        "the inputs' dtype: bf16 matmuls with fp32 accumulation under bf16 autocast, a bf16 K^T V; "
+        "relative error ~1e-2 against fp32, the speed lever of docs/benchmarks.md).",
+    )
 
 
 def window_radius(grid: tuple[int, int, int], window_frames: int) -> int:
@@ -90,9 +96,10 @@ def window_pairs(index: Tensor, radius: int) -> int:
     return int((hi - lo).sum())
 
 
-def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Denominator-free Q (K^T V) per head, [B, M, H, d] -> [B, M, H, d] in fp32 (fp64 stays fp64)."""
-    dtype = torch.promote_types(q.dtype, torch.float32)
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, precision: str = "fp32") -> Tensor:
+    """Denominator-free Q (K^T V) per head, [B, M, H, d] -> [B, M, H, d]: in fp32 (fp64 stays fp64), or
+    with precision 'input' in q's dtype (bf16 in, bf16 out; the matmuls accumulate in fp32)."""
+    dtype = torch.promote_types(q.dtype, torch.float32) if precision == "fp32" else q.dtype
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         summary = torch.einsum("bmhd,bmhe->bhde", k, v)  # [B, H, d, d]
@@ -164,9 +171,11 @@ def gated_glga(
     norm_local: Tensor,
     gate_weight: Tensor,
     gate_bias: Tensor,
+    linear_fp32: bool = True,
 ) -> Tensor:
     """Eqs. (5)-(8) in one function for the CUDA path, compiled as a whole so the fp32 linear branch, the
-    two RMSNorms, the gate and the casts fuse around the flex band: [B, L, H, d].
+    two RMSNorms, the gate and the casts fuse around the flex band: [B, L, H, d]. linear_fp32=False:
+    the linear branch's products in q's dtype (GLGAOptions.linear_precision = 'input').
 
     q, k, v [B, L, H, d] and x [B, L, D] are zero-padded to whole flex blocks (L = a multiple of 128);
     zero k and v rows add nothing to K^T V, the band hides them from real queries, and the caller drops
@@ -174,9 +183,10 @@ def gated_glga(
     """
     d = q.shape[-1]
     with torch.autocast(q.device.type, enabled=False):
-        summary = torch.einsum("bmhd,bmhe->bhde", k.float(), v.float())  # [B, H, d, d]
-        o_global = torch.einsum("bmhd,bhde->bmhe", q.float(), summary)  # (5), fp32
-        o_global = F.rms_norm(o_global, (d,), norm_global.float(), 1e-6).to(v.dtype)
+        lq, lk, lv = (t.float() for t in (q, k, v)) if linear_fp32 else (q, k, v)
+        summary = torch.einsum("bmhd,bmhe->bhde", lk, lv)  # [B, H, d, d]
+        o_global = torch.einsum("bmhd,bhde->bmhe", lq, summary)  # (5)
+        o_global = F.rms_norm(o_global.float(), (d,), norm_global.float(), 1e-6).to(v.dtype)
     o_local = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
     o_local = F.rms_norm(o_local.transpose(1, 2), (d,), norm_local.to(o_local.dtype), 1e-6)  # (6)
     g = torch.sigmoid(F.linear(x, gate_weight, gate_bias)).unflatten(-1, (2, -1))[..., None]  # (7)
@@ -213,6 +223,7 @@ class GLGAttention(SelfAttention):
         gate_fn: Literal["sigmoid", "softmax"] = "sigmoid",
         gate_init: Literal["xavier", "zero"] = "xavier",
         impl: flex.Impl = "auto",
+        linear_precision: Literal["fp32", "input"] = "fp32",
     ):
         super().__init__(dim, num_heads)
         opts = GLGAOptions(
@@ -222,9 +233,11 @@ class GLGAttention(SelfAttention):
             gate_fn=gate_fn,
             gate_init=gate_init,
             impl=impl,
+            linear_precision=linear_precision,
         )
         self.window_frames, self.branches, self.impl = opts.window_frames, opts.branches, opts.impl
         self.gate_fn, self.gate_init = opts.gate_fn, opts.gate_init
+        self.linear_precision = opts.linear_precision
         self.use_global = opts.branches in ("gated", "sum", "linear")
         self.use_local = opts.branches in ("gated", "sum", "window")
         self.norm_global = RMSNorm(self.head_dim, eps=1e-6) if self.use_global else None
@@ -249,8 +262,10 @@ class GLGAttention(SelfAttention):
         return self.with_modules(gate=HeadRows(self.gate, 2, self.num_heads, start, stop))
 
     def global_branch(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """(5): RMSNorm(Q (K^T V)), product and norm in fp32: [B, M, H, d]."""
-        return self.norm_global(linear_attention(q, k, v)).to(v.dtype)
+        """(5): RMSNorm(Q (K^T V)), the product in fp32 or the inputs' dtype (linear_precision), the norm
+        in fp32: [B, M, H, d]."""
+        o = linear_attention(q, k, v, self.linear_precision)
+        return self.norm_global(o.to(torch.promote_types(o.dtype, torch.float32))).to(v.dtype)
 
     def band_mask(self, ctx: TokenContext, padded: bool) -> BlockMask:
         """band_block_mask of ctx's tokens, built once per forward and shared by every GLGA block."""
@@ -298,6 +313,7 @@ class GLGAttention(SelfAttention):
             self.norm_local.weight,
             self.gate.weight,
             self.gate.bias,
+            self.linear_precision == "fp32",
         )
         return o[:, :m]
 
@@ -343,15 +359,14 @@ class GLGAttention(SelfAttention):
 
     def kernel(self, q: Tensor) -> str:
         impl = flex.resolve_impl(self.impl, q)
-        if self.branches == "gated" and q.is_cuda and impl == "flex":
-            return "one compiled graph: fp32 einsum Q(K^T V) + flex_attention band + norms and gate"
+        linear = f"{'fp32' if self.linear_precision == 'fp32' else str(q.dtype).removeprefix('torch.')} einsum Q(K^T V)"
+        if self.branches == "gated" and q.is_cuda and impl == "flex" and self.gate_fn == "sigmoid":
+            return f"one compiled graph: {linear} + flex_attention band + norms and gate"
         local = {
             "flex": "flex_attention band" + (" (compiled)" if q.is_cuda else " (eager)"),
             "reference": "SDPA with an M x M band mask",
         }[impl]
-        parts = {"linear": ["fp32 einsum Q(K^T V)"], "window": [local]}.get(
-            self.branches, ["fp32 einsum Q(K^T V)", local]
-        )
+        parts = {"linear": [linear], "window": [local]}.get(self.branches, [linear, local])
         return " + ".join(parts)
 
     def extra_repr(self) -> str:
