@@ -201,7 +201,7 @@ def _compiled_gated_glga():
 
 
 @torch.compiler.disable  # a graph of its own, never inlined into a compiled block (docstring)
-def run_gated_glga(*args: Tensor | BlockMask) -> Tensor:
+def run_gated_glga(*args: Tensor | BlockMask | bool) -> Tensor:
     """The compiled gated_glga, kept out of any outer graph: a per-block torch.compile (parallel.compile)
     breaks its graph here instead of inlining the function. Inlined into a compiled GLGA block, it gave
     wrong gradients on CUDA (torch 2.11, H200) whenever a call held one sample: the EFlow recipe's
