@@ -3,9 +3,8 @@ the largest gradient difference (relative to that gradient's scale) after one ba
 pass of B samples (dropped tokens) plus a weak pass of W samples, and Dynamo's graph breaks. Issue 13:
 on an H200 the EFlow recipe's gradient norm jumped to ~1e6 compiled on exactly the steps whose
 weak-path call held one sample (XL, GLGA); FM + softmax compiled trained as eager. Variants isolate
-the cause: GLGA's fused CUDA graph (sigmoid gate; kept out of the block's graph since the fix, and
-inlined into it as before the fix), GLGA unfused (softmax gate), softmax attention; ac off, selective
-and full. TORCH_LOGS=graph_breaks prints each break's user stack.
+the cause: GLGA's fused CUDA graph (sigmoid gate), GLGA unfused (softmax gate), softmax attention;
+ac off, selective and full. TORCH_LOGS=graph_breaks prints each break's user stack.
 Usage: python3 scripts/compile_check.py [cuda|cpu]; writes $OUT/compile_check.json.
 (On 2026-12-01 an earlier version of this check, run on the zero-init model, found the graph break
 that docs/scaling.md names; its gradient differences said nothing, the gradients being mostly zero.)
@@ -24,21 +23,13 @@ from eflow.condition import Condition
 from eflow.model.dit import build_model
 from eflow.parallel.config import ParallelSection
 from eflow.parallel.parallelize import parallelize
-from eflow.plugins.attention import glga
 from eflow.train.distributed import World
 
 VARIANTS = {
     "glga (fused on CUDA)": ("glga", {}),
-    "glga fused, inlined (pre-fix)": ("glga", {}),
     "glga, softmax gate (unfused)": ("glga", {"gate_fn": "softmax"}),
     "softmax": ("softmax", {}),
 }
-RUN_GATED_GLGA = glga.run_gated_glga
-
-
-def inline_gated_glga(inline: bool) -> None:
-    """Before the fix a compiled block inlined the compiled gated_glga; `inline` restores that call."""
-    glga.run_gated_glga = glga._compiled_gated_glga().__call__ if inline else RUN_GATED_GLGA
 
 
 def grads(model: torch.nn.Module, b: int, w: int, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -63,7 +54,6 @@ def main() -> None:
             for p in base.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         for ac in ("off", "selective", "full"):
-            inline_gated_glga("pre-fix" in variant)
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
             compiled = parallelize(copy.deepcopy(base), ParallelSection(ac=ac, compile=True), World(), dev)

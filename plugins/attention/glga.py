@@ -200,16 +200,6 @@ def _compiled_gated_glga():
     return torch.compile(gated_glga, dynamic=None)
 
 
-@torch.compiler.disable  # a graph of its own, never inlined into a compiled block (docstring)
-def run_gated_glga(*args: Tensor | BlockMask | bool) -> Tensor:
-    """The compiled gated_glga, kept out of any outer graph: a per-block torch.compile (parallel.compile)
-    breaks its graph here instead of inlining the function. Inlined into a compiled GLGA block, it gave
-    wrong gradients on CUDA (torch 2.11, H200) whenever a call held one sample: the EFlow recipe's
-    gradient norm reached ~1e6 on the steps with a one-sample weak pass (docs/scaling.md); compiled on its
-    own, as eager blocks run it, it matches the CPU reference."""
-    return _compiled_gated_glga()(*args)
-
-
 class GLGAttention(SelfAttention):
     """Gated sum of a global linear-attention branch and a local sliding-window softmax branch."""
 
@@ -303,7 +293,7 @@ class GLGAttention(SelfAttention):
         m = q.shape[1]
         length = flex.num_blocks(m, flex.BLOCK) * flex.BLOCK
         q, k, v, x = (flex.pad_tokens(t, length) for t in (q, k, v, x))  # [B, L, H, d], x [B, L, D]
-        o = run_gated_glga(
+        o = _compiled_gated_glga()(
             q,
             k,
             v,
