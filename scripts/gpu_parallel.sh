@@ -18,6 +18,12 @@
 # GLGA_OPTIONS (JSON) sets the eflow cases' model.attention_options and TAG suffixes the case names, e.g.
 #   TORCH_LOGS=graph_breaks,recompiles CASES=eflow-selective-compile GLGA_OPTIONS='{"gate_fn": "softmax"}' \
 #     TAG=-gsoftmax bash scripts/gpu_parallel.sh
+# PRESET sets the model preset (default XL); INDUCTOR (JSON) sets torch._inductor.config fields;
+# MIX_ORDER=on keeps Inductor's mix-order reduction on in compiled runs (eflow switches it off: the
+# likely cause of the compiled XL gradient failure, docs/scaling.md), to show the failing state, e.g.
+#   STEPS=6 MIX_ORDER=on TAG=-mixorder CASES=eflow-off-compile bash scripts/gpu_parallel.sh
+#   PRESET=B INDUCTOR='{"split_reductions": false}' TAG=-B-nosplit CASES=eflow-off-compile bash scripts/gpu_parallel.sh
+# Each case's grad norms per step are printed (compare a compile case with its eager case).
 # Needs the wheels the GPU image lacks in .whl/ (as scripts/gpu_attention.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; DEST="$OUT/gpu_parallel"; mkdir -p "$DEST"
@@ -30,10 +36,17 @@ ALL="fm-off fm-full fm-selective fm-off-compile fm-full-compile fm-selective-com
 ALL="$ALL eflow-off eflow-full eflow-selective eflow-off-compile eflow-full-compile eflow-selective-compile"
 for case in ${CASES:-$ALL}; do
   echo "== $case"
-  CASE=$case STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DEST=$DEST python3 - <<'EOF' 2>&1 | tee "$DEST/$case${TAG:-}.log" | tail -4
+  CASE=$case STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} DEST=$DEST python3 - <<'EOF' 2>&1 | tee "$DEST/$case${TAG:-}.log" | tail -5
 import json, os, statistics, shutil
+import torch._inductor.config
+for key, value in json.loads(os.environ.get("INDUCTOR") or "{}").items():
+    setattr(torch._inductor.config, key, value)
 from eflow.config import build_config
+import eflow.parallel.parallelize as parallelize_module
 from eflow.train.trainer import Trainer
+
+if os.environ.get("MIX_ORDER") == "on":
+    parallelize_module.avoid_mix_order_reduction = lambda: None  # the state before 2026-12-01
 
 case, dest, tag = os.environ["CASE"], os.environ["DEST"], os.environ.get("TAG", "")
 steps, warmup = int(os.environ["STEPS"]), int(os.environ["WARMUP"])
@@ -49,7 +62,7 @@ layers = {
 run = f"/tmp/gpu_parallel/{case}{tag}"
 shutil.rmtree(run, ignore_errors=True)
 cfg = build_config(layers, {
-    "model": {"preset": "XL"},
+    "model": {"preset": os.environ.get("PRESET") or "XL"},
     "data": {"frames": 21, "height": 60, "width": 104},
     "train": {"batch_size": 2, "steps": steps, "save_every": 0, "preview_every": 0, "out": run,
               "device": "cuda", "precision": "bf16"},
@@ -67,6 +80,7 @@ shutil.copy(f"{run}/metrics.jsonl", f"{dest}/{case}{tag}.jsonl") if records else
 timed = [r["it_s"] for r in records[warmup:]]
 it_s = statistics.median(timed) if timed else float("nan")
 peak = max((r.get("mem_gb", float("nan")) for r in records), default=float("nan"))
+print(f"{case}{tag}: grad norms", " ".join(f"{r['grad_norm']:.4g}" for r in records))
 print(f"{case}{tag}: {it_s:.3f} it/s, peak {peak:.1f} GiB, {status}")
 with open(f"{dest}/summary.tsv", "a") as f:
     f.write(f"{case}{tag}\t{len(records)}\t{it_s:.4f}\t{peak:.2f}\t{status}\n")

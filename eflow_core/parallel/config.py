@@ -71,8 +71,9 @@ class ParallelSection(BaseModel):
             return (
                 f"compile with ac = {self.ac} and GLGA on CUDA: in the runs measured (XL, the EFlow recipe, "
                 "H200, torch 2.11) the gradient norm jumped to 1e6-2.5e6 on every step whose weak-path call "
-                "held one sample (then nan with ac = selective), where eager gave 3.6-6.8 on the same data; "
-                "not reproduced on the CPU (docs/scaling.md). --no-compile, or --ac full (whose "
-                "checkpointed GLGA blocks are not compiled whole), trained as eager did"
+                "held one sample, where eager gave 3.6-6.8 on the same data. The likely cause, Inductor's "
+                "mix-order reduction (pytorch/pytorch#193061: wrong adaLN gradients at batch 1), is switched "
+                "off in compiled runs since 2026-12-01; that this fixes it is not yet verified on a GPU "
+                "(docs/scaling.md). --no-compile, or --ac full, trained as eager did"
             )
         return None
