@@ -1,17 +1,20 @@
-"""Full softmax self-attention (the Wan 2.1 baseline) through SDPA, cuDNN first on CUDA."""
+"""Full softmax self-attention (the Wan 2.1 baseline) through SDPA, cuDNN first on CUDA; the option
+`kernel` pins one SDPA backend instead (the baseline's best kernel is a measurement, not a guess)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from eflow.api import SelfAttention, TokenContext, dense_attention, hookimpl
+from eflow.api import ConfigError, SelfAttention, TokenContext, dense_attention, hookimpl
 
 # On H100, cuDNN ~590 TF/s vs flash ~350 (notes/gpu-anchors.md); math is the last resort (e.g. fp64).
 CUDA_BACKENDS = [
@@ -20,7 +23,26 @@ CUDA_BACKENDS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+KERNELS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,  # FlashAttention-2 bundled with PyTorch (CUDA; a CPU kernel too)
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,  # xformers' memory-efficient kernel, bundled (CUDA)
+    "math": SDPBackend.MATH,  # plain matmul + softmax, any device and dtype
+}
+Kernel = Literal["auto", "cudnn", "flash", "efficient", "math"]
 _HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
+
+
+class SoftmaxOptions(BaseModel):
+    """Options of the `softmax` backend (model.attention_options; `--set softmax.kernel=...` in bench)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kernel: Kernel = Field(
+        "auto",
+        description="SDPA backend: 'auto' (CUDA: cuDNN > flash > efficient > math, the first that accepts "
+        "the inputs; CPU: PyTorch's choice), or one of 'cudnn', 'flash', 'efficient', 'math' alone (an "
+        "error names the inputs it cannot run).",
+    )
 
 
 def cuda_sdpa_backends():
@@ -30,12 +52,32 @@ def cuda_sdpa_backends():
     return sdpa_kernel(CUDA_BACKENDS)
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-    """SDPA on [B, M, H, d] tensors (cuDNN first on CUDA) -> [B, M, H, d]."""
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, kernel: Kernel = "auto") -> Tensor:
+    """SDPA on [B, M, H, d] tensors -> [B, M, H, d]: cuDNN first on CUDA, or the one `kernel` given."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
-    with cuda_sdpa_backends() if q.is_cuda else contextlib.nullcontext():
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if kernel == "auto":
+        backends = cuda_sdpa_backends() if q.is_cuda else contextlib.nullcontext()
+    else:
+        backends = sdpa_kernel([KERNELS[kernel]])
+    with backends:
+        try:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        except RuntimeError as err:
+            if kernel == "auto" or not is_no_kernel_error(err):
+                raise
+            raise ConfigError(
+                f"softmax option kernel = {kernel!r}: SDPA's {kernel} kernel cannot run these inputs "
+                f"({q.device.type}, {str(q.dtype).removeprefix('torch.')}, head dim {q.shape[-1]}"
+                f"{', with a mask' if attn_mask is not None else ''}); choices: auto (the first kernel "
+                f"that accepts them), {', '.join(KERNELS)}"
+            ) from err
     return o.transpose(1, 2)  # [B, M, H, d]
+
+
+def is_no_kernel_error(err: RuntimeError) -> bool:
+    """SDPA's refusal when no enabled backend accepts the inputs (its wording differs across torch)."""
+    text = str(err).lower()
+    return "no viable backend" in text or "no available kernel" in text
 
 
 @functools.cache
@@ -63,8 +105,12 @@ def sdpa_kernel_name(q: Tensor) -> str:
 class SoftmaxAttention(SelfAttention):
     """Full softmax attention over the kept tokens; dropping needs no special care."""
 
+    def __init__(self, dim: int, num_heads: int, kernel: Kernel = "auto"):
+        super().__init__(dim, num_heads)
+        self.kernel_choice = SoftmaxOptions(kernel=kernel).kernel
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
-        return sdpa(q, k, v)
+        return sdpa(q, k, v, kernel=self.kernel_choice)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx: TokenContext, x: Tensor) -> Tensor:
         """Explicit softmax(q k^T / sqrt(d)) v over all kept tokens (plain torch, any dtype)."""
@@ -76,6 +122,8 @@ class SoftmaxAttention(SelfAttention):
         return 4.0 * batch * self.num_heads * m * m * self.head_dim
 
     def kernel(self, q: Tensor) -> str:
+        if self.kernel_choice != "auto":
+            return f"SDPA {self.kernel_choice} (the kernel option)"
         return sdpa_kernel_name(q)
 
 
@@ -85,5 +133,6 @@ def register_attention(register):
         "softmax",
         SoftmaxAttention,
         summary="Full softmax attention (Wan 2.1 baseline): SDPA, cuDNN > flash > efficient on CUDA.",
+        options=SoftmaxOptions,
         attend_reads_x=False,
     )
