@@ -179,7 +179,9 @@ def attention(
     attn: Annotated[
         str | None,
         typer.Option(
-            help=f"comma-separated backends; default: all registered ({choices('attention')})",
+            help=f"comma-separated backends; default: all registered ({choices('attention')}); "
+            "LABEL=BACKEND adds a variant with its own --set LABEL.FIELD=VALUE options, e.g. "
+            "softmax,softmax-flash=softmax --set softmax-flash.kernel=flash",
             rich_help_panel=SWEEP,
         ),
     ] = None,
@@ -229,7 +231,8 @@ def attention(
         list[str] | None,
         typer.Option(
             "--set",
-            help="backend option BACKEND.FIELD=VALUE, e.g. glga.window_frames=6; repeatable",
+            help="backend option BACKEND.FIELD=VALUE (or LABEL.FIELD=VALUE for an --attn variant), e.g. "
+            "glga.window_frames=6; repeatable",
             rich_help_panel=SWEEP,
         ),
     ] = None,
@@ -263,13 +266,17 @@ def attention(
     ] = True,
 ) -> None:
     """Time attention backends over token counts x drop ratios x modes; write a table, CSV, JSON and a plot."""
-    from eflow.bench.attention import SweepSpec, run_sweep
+    from eflow.bench.attention import SweepSpec, parse_backends, run_sweep
     from eflow.bench.grids import split_list, sweep_grids
     from eflow.registry import get_registry
 
     with user_errors():
+        backends, variants = parse_backends(
+            split_list(attn) if attn is not None else get_registry("attention").names()
+        )
         spec = SweepSpec(
-            backends=split_list(attn) if attn is not None else get_registry("attention").names(),
+            backends=backends,
+            variants=variants,
             grids=sweep_grids(tokens, frames, size, grid),
             drops=_floats("--drop", drop),
             modes=split_list(mode),

@@ -6,6 +6,9 @@
 #   SKIP_TESTS=1 ATTN=softmax,glga TOKENS=32760 DROP=0 HEADS=16 HEAD_DIM=72 bash scripts/gpu_attention.sh
 # BRANCHES times GLGA's branches apart (before the side-by-side bench; SKIP_BENCH=1 skips that), e.g.
 #   SKIP_TESTS=1 SKIP_BENCH=1 BRANCHES="gated window linear sum" DROP=0,0.75 bash scripts/gpu_attention.sh
+# ATTN may hold variants (LABEL=BACKEND) and BENCH_SET their --set options, e.g. (issue 17's targets):
+#   SKIP_TESTS=1 ATTN=softmax,softmax-flash=softmax,glga,glga-bf16=glga \
+#     BENCH_SET="--set softmax-flash.kernel=flash --set glga-bf16.linear_precision=input" bash scripts/gpu_attention.sh
 # GLGA_SET adds glga options to the BRANCHES runs, e.g. GLGA_SET="--set glga.linear_precision=input" TAG=-lin16
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,7 +29,7 @@ if [ -n "${BRANCHES:-}" ]; then  # GLGA's parts timed apart, e.g. BRANCHES="gate
   done
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  python3 -m eflow.cli.app bench attention --attn ${ATTN:-softmax,glga,sana,sla,vsa,tile} \
+  python3 -m eflow.cli.app bench attention --attn ${ATTN:-softmax,glga,sana,sla,vsa,tile} ${BENCH_SET:-} \
     --tokens ${TOKENS:-8k,32760,125000} --drop ${DROP:-0,0.75} --mode fwd,fwd+bwd \
     --heads ${HEADS:-12} --head-dim ${HEAD_DIM:-128} --batch 1 --dtype bf16 --warmup ${WARMUP:-3} --repeats ${REPEATS:-10} \
     --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -60

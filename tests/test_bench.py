@@ -216,6 +216,26 @@ def test_backend_options_through_set(tmp_path):
     assert record["options"]["branches"] == "window" and "einsum" not in record["kernel"]
 
 
+def test_variants_of_one_backend_run_side_by_side_under_their_own_labels(tmp_path):
+    """--attn LABEL=BACKEND: the same backend twice in one sweep, each with its own --set options; the
+    records carry the labels, their options and a note naming the registered backend."""
+    args = ["--tokens", "64", "--drop", "0", "--mode", "fwd", "--no-plot"]
+    attn = "softmax,softmax-math=softmax,glga,glga-window=glga"
+    sets = ["--set", "softmax-math.kernel=math", "--set", "glga-window.branches=window"]
+    result = run("bench", "attention", "--attn", attn, *sets, *args, *TINY, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    records = {r["backend"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert list(records) == ["softmax", "softmax-math", "glga", "glga-window"]
+    assert all(r["status"] == "ok" and r["check"] < 1e-5 for r in records.values())
+    assert records["softmax"]["options"] == {"kernel": "auto"} and records["softmax"]["note"] == ""
+    assert records["softmax-math"]["options"] == {"kernel": "math"}
+    assert records["softmax-math"]["kernel"] == "SDPA math (the kernel option)"
+    assert records["softmax-math"]["note"] == "softmax-math = softmax with kernel='math'"
+    assert records["glga"]["options"]["branches"] == "gated"
+    assert records["glga-window"]["options"]["branches"] == "window"
+    assert "einsum" in records["glga"]["kernel"] and "einsum" not in records["glga-window"]["kernel"]
+
+
 def test_without_matplotlib_csv_and_json_are_written_with_a_note(tmp_path, monkeypatch):
     monkeypatch.setattr("eflow.bench.plot.matplotlib_available", lambda: False)
     args = ["--attn", "softmax", "--tokens", "64", "--drop", "0", "--mode", "fwd", "--no-check"]
@@ -285,6 +305,11 @@ def test_out_of_memory_is_recognised_also_when_wrapped():
             ["'softmax' is not among the benchmarked backends"],
         ),
         (["--set", "window_frames=1"], ["BACKEND.FIELD=VALUE"]),
+        (["--attn", "softmax,softmax"], ["softmax named twice", "softmax-flash=softmax"]),
+        (["--attn", "glga=softmax"], ["'glga' is a registered backend", "softmax-2=softmax"]),
+        (["--attn", "mine=nope"], ["unknown attention 'nope'; choices:"]),
+        (["--attn", "=softmax"], ["--attn '=softmax'", "LABEL=BACKEND"]),
+        (["--attn", "mine=softmax", "--set", "mine.kernel=fa3"], ["mine", "kernel: Input should be 'auto'"]),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(args, fragments, tmp_path):

@@ -85,6 +85,11 @@ class SweepSpec:
     check: bool = True
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # backend -> its plugin options
     seed: int = 0
+    variants: dict[str, str] = field(default_factory=dict)  # label -> registered backend (LABEL=NAME)
+
+    def registered(self, backend: str) -> str:
+        """The registered backend a name of `backends` runs: a variant's, or the name itself."""
+        return self.variants.get(backend, backend)
 
     @property
     def dim(self) -> int:
@@ -96,13 +101,30 @@ class SweepSpec:
             raise ConfigError("--attn: no attention backend given")
         registry = get_registry("attention")
         for name in self.backends:
-            registry.get(name)  # unknown -> UnknownNameError listing the choices
+            registry.get(self.registered(name))  # unknown -> UnknownNameError listing the choices
+        duplicates = sorted({name for name in self.backends if self.backends.count(name) > 1})
+        if duplicates:
+            raise ConfigError(
+                f"--attn: {', '.join(duplicates)} named twice; give a variant its own label, e.g. "
+                f"--attn softmax,softmax-flash=softmax --set softmax-flash.kernel=flash"
+            )
+        for label, name in self.variants.items():
+            if label != name and label in registry.names():
+                raise ConfigError(
+                    f"--attn {label}={name}: '{label}' is a registered backend; a variant needs a label "
+                    f"of its own, e.g. {name}-2={name}"
+                )
         for name, options in self.options.items():
             if name not in self.backends:
                 raise ConfigError(
                     f"--set {name}.*: '{name}' is not among the benchmarked backends ({', '.join(self.backends)})"
                 )
-            registry.get(name).parse_options(options)
+            try:
+                registry.get(self.registered(name)).parse_options(options)
+            except ConfigError as err:
+                if name not in self.variants:
+                    raise
+                raise ConfigError(f"--set {name}.* ({name} = {self.registered(name)}): {err}") from err
         for drop in self.drops:
             if not 0.0 <= drop < 1.0:
                 raise ConfigError(f"--drop {drop:g}: a drop ratio must be in [0, 1), e.g. 0 or 0.75")
@@ -190,6 +212,22 @@ class BenchRecord:
     note: str = ""
 
 
+def parse_backends(items: list[str]) -> tuple[list[str], dict[str, str]]:
+    """--attn items, each a registered backend or LABEL=BACKEND (a variant: the backend under its own
+    label, with its own --set LABEL.FIELD=VALUE options) -> (labels in order, {label: backend})."""
+    labels, variants = [], {}
+    for item in items:
+        label, sep, name = (part.strip() for part in item.partition("="))
+        if sep and not (label and name):
+            raise ConfigError(
+                f"--attn {item!r}: expected BACKEND or LABEL=BACKEND, e.g. softmax-flash=softmax"
+            )
+        labels.append(label)
+        if sep:
+            variants[label] = name
+    return labels, variants
+
+
 def failure_status(err: BaseException) -> str:
     """ "oom" for out-of-memory errors (also when wrapped, e.g. by torch.compile), else "error: Type: message"."""
     text = str(err)
@@ -238,7 +276,7 @@ def build_module(spec: SweepSpec, backend: str, device: torch.device, dtype: tor
     """The backend's attention module with the spec's options, seeded, on device in dtype."""
     torch.manual_seed(spec.seed)
     module = get_registry("attention").create(
-        backend, spec.dim, spec.heads, options=spec.options.get(backend) or None
+        spec.registered(backend), spec.dim, spec.heads, options=spec.options.get(backend) or None
     )
     return module.to(device=device, dtype=dtype)
 
@@ -375,7 +413,8 @@ def run_sweep(spec: SweepSpec, on_start: Callable[[Cell], None] | None = None) -
     notify = on_start or (lambda cell: None)
 
     for backend in spec.backends:
-        options = get_registry("attention").get(backend).parse_options(spec.options.get(backend) or None)
+        registered = get_registry("attention").get(spec.registered(backend))
+        options = registered.parse_options(spec.options.get(backend) or None)
         option_values = options.model_dump() if options is not None else {}
         checks: dict[float, tuple[float | None, str]] = {}
         for drop in spec.drops:
@@ -396,11 +435,15 @@ def run_sweep(spec: SweepSpec, on_start: Callable[[Cell], None] | None = None) -
                 ffn = ffn.to(device=device, dtype=dtype) if ffn is not None else None
         except Exception as err:
             build_error = failure_status(err)
-        note = (
-            f"{backend}: layer scope includes its own FFN ({type(ffn).__name__}); TF/s not counted"
-            if ffn
-            else ""
-        )
+        notes = []
+        if backend in spec.variants:
+            given = ", ".join(f"{k}={v!r}" for k, v in (spec.options.get(backend) or {}).items())
+            notes.append(f"{backend} = {spec.registered(backend)} with {given or 'its default options'}")
+        if ffn:
+            notes.append(
+                f"{backend}: layer scope includes its own FFN ({type(ffn).__name__}); TF/s not counted"
+            )
+        note = "; ".join(notes)
 
         for grid in spec.grids:
             rope = rope_table(grid, spec.head_dim, device=device)
