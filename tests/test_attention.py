@@ -363,6 +363,52 @@ def test_glga_compiled_flex_matches_reference_on_cuda(dtype, gate_fn, linear_pre
     assert rel_err(band, exact) < tol
 
 
+def unfused_gated_glga(module: GLGAttention, q, k, v, ctx, x):
+    """Eqs. (5)-(8) from the module's separate branches and an eager gate: no Inductor graph around
+    the norms and the gate (only the band is compiled flex)."""
+    o_global, o_local = module.global_branch(q, k, v), module.local_branch(q, k, v, ctx)
+    g = torch.sigmoid(module.gate(x)).unflatten(-1, (2, -1))[..., None]
+    return g[:, :, 0] * o_global + g[:, :, 1] * o_local
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("batch, keep", [(1, None), (2, None), (1, 8190)])
+def test_fused_gated_glga_gradients_at_480p_match_the_unfused_branches(batch, keep):
+    """The fused CUDA graph at XL's size (21 x 30 x 52 tokens, 16 heads x 72), one sample and two, with
+    Inductor's default settings (mix-order reduction on, as eager training runs it): its output and
+    every gradient (q, k, v, x, both norms' weights, the gate) against the unfused branches in fp32.
+    Reductions of this size are where compiled XL blocks went wrong (docs/scaling.md); the small-grid
+    tests above do not reach them."""
+    import torch._inductor.config
+
+    grid, dim, heads = (21, 30, 52), 1152, 16
+    ctx = make_ctx(grid, batch=batch, keep=keep, head_dim=dim // heads, device="cuda")
+    torch.manual_seed(7)
+    module = perturbed(GLGAttention(dim, heads, window_frames=4, impl="flex"), scale=0.05).float().cuda()
+    m = ctx.index.shape[1]
+    inputs = [torch.randn(batch, m, heads, dim // heads, device="cuda") for _ in range(3)]
+    inputs.append(torch.randn(batch, m, dim, device="cuda"))
+    results = []
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"triton.mix_order_reduction": True}):
+        for attend in (module.attend, lambda q, k, v, c, x: unfused_gated_glga(module, q, k, v, c, x)):
+            module.zero_grad(set_to_none=True)
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out = attend(*leaves[:3], ctx, leaves[3])
+            out.square().mean().backward()
+            params = [
+                module.norm_global.weight,
+                module.norm_local.weight,
+                module.gate.weight,
+                module.gate.bias,
+            ]
+            results.append([out.detach()] + [t.grad for t in leaves] + [p.grad.clone() for p in params])
+    names = ["output", "q", "k", "v", "x", "norm_global", "norm_local", "gate.weight", "gate.bias"]
+    for name, fused, unfused in zip(names, *results, strict=True):
+        assert rel_err(fused, unfused) < 1e-3, (name, rel_err(fused, unfused))
+
+
 @pytest.mark.gpu
 @cuda
 def test_glga_compiled_flex_runs_at_480p_without_n_by_n():
