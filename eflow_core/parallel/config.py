@@ -66,7 +66,8 @@ class ParallelSection(BaseModel):
 
     def known_issue(self, device_type: str, attention: str) -> str | None:
         """A measured failure of these settings with this attention backend on `device_type`, to say
-        before training; None if none is known."""
+        before training; None if none is known. Only what was measured: the suspected cause is not
+        GLGA's, but FM + softmax, the other compiled recipe measured, made no one-sample calls."""
         if self.compile and device_type == "cuda" and attention == "glga" and self.ac != "full":
             return (
                 f"compile with ac = {self.ac} and GLGA on CUDA: in the runs measured (XL, the EFlow recipe, "
@@ -74,6 +75,7 @@ class ParallelSection(BaseModel):
                 "held one sample, where eager gave 3.6-6.8 on the same data. The likely cause, Inductor's "
                 "mix-order reduction (pytorch/pytorch#193061: wrong adaLN gradients at batch 1), is switched "
                 "off in compiled runs since 2026-12-01; that this fixes it is not yet verified on a GPU "
-                "(docs/scaling.md). --no-compile, or --ac full, trained as eager did"
+                "(docs/scaling.md). --no-compile, or --ac full (its checkpointed GLGA blocks were not compiled "
+                "whole), trained as eager did"
             )
         return None

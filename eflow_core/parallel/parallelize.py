@@ -63,22 +63,23 @@ def apply_compile(model: nn.Module) -> None:
     specialized to them.
     """
     raise_recompile_limit()
-    avoid_mix_order_reduction()
+    options = inductor_options()
     for block in model_blocks(model):
-        block.forward = dynamic_batch_and_tokens(torch.compile(block.forward, dynamic=None))
+        block.forward = dynamic_batch_and_tokens(torch.compile(block.forward, dynamic=None, options=options))
 
 
-def avoid_mix_order_reduction() -> None:
-    """Switch off Inductor's mix-order reduction for the process (on by default on CUDA since torch
-    2.10). It fuses a norm's per-token and per-channel backward reductions into one kernel, and upstream
-    reports it returning wrong gradients for adaLN-modulated norms at batch 1 (pytorch/pytorch#193061,
-    silent) or gradients of the wrong shape (#178080). Compiled XL blocks showed both on an H200 with
-    torch 2.11, on the steps with a one-sample call: gradient norms of ~1e6 with the fused GLGA inlined,
-    "invalid gradient ... got [1152] but expected [1, 1, 1152]" with it kept out of the block's graph
-    (docs/scaling.md). It is a speed optimization only: off, the kernels are the unfused ones."""
-    triton = torch._inductor.config.triton
-    if hasattr(triton, "mix_order_reduction"):  # absent before torch 2.10
-        triton.mix_order_reduction = False
+def inductor_options() -> dict[str, Any]:
+    """Inductor settings of the compiled blocks (torch.compile's `options`, for those graphs alone: eager
+    code and other compiled functions keep Inductor's defaults): mix-order reduction off. On by default on
+    CUDA since torch 2.10, it fuses a norm's per-token and per-channel backward reductions into one
+    kernel, and upstream reports it returning wrong gradients for adaLN-modulated norms at batch 1
+    (pytorch/pytorch#193061, silent) or gradients of the wrong shape (#178080). Compiled XL blocks showed
+    both on an H200 with torch 2.11, on the steps with a one-sample call: gradient norms of ~1e6 with the
+    fused GLGA inlined, "invalid gradient ... got [1152] but expected [1, 1, 1152]" with it kept out of
+    the block's graph (docs/scaling.md). It is a speed optimization only: off, the kernels are unfused."""
+    if not hasattr(torch._inductor.config.triton, "mix_order_reduction"):  # absent before torch 2.10
+        return {}
+    return {"triton.mix_order_reduction": False}
 
 
 def dynamic_batch_and_tokens(compiled: Callable[..., Any]) -> Callable[..., Any]:
