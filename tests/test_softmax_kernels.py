@@ -56,6 +56,25 @@ def test_a_kernel_that_cannot_run_the_inputs_is_an_error_naming_the_option_and_t
     assert all(name in message for name in ("auto", *KERNELS))
 
 
+def test_under_torch_compile_a_pinned_kernel_runs_or_is_the_same_error():
+    """Per-block compile traces attend with fake tensors, where SDPA's refusal would surface as a Dynamo
+    error: the kernel is checked before tracing reaches SDPA (a probe whose answer is a constant of the
+    graph), so the refusal is the same ConfigError, and a kernel that runs adds no graph break."""
+    q = torch.randn(2, 16, HEADS, DIM // HEADS)
+    for kernel in ("math", "cudnn"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        module = SoftmaxAttention(DIM, HEADS, kernel=kernel)
+        attend = torch.compile(lambda q, m=module: m.attend(q, q, q, None, q.flatten(2)), backend="eager")
+        if kernel == "cudnn":  # CUDA-only
+            with warnings.catch_warnings(), pytest.raises(ConfigError, match="kernel = 'cudnn'"):
+                warnings.simplefilter("ignore")
+                attend(q)
+            continue
+        torch.testing.assert_close(attend(q), module.reference(q, q, q, None, None), atol=1e-6, rtol=1e-5)
+        assert not torch._dynamo.utils.counters["graph_break"]
+
+
 def test_an_unknown_kernel_is_refused_with_the_choices():
     registered = get_registry("attention").get("softmax")
     with pytest.raises(

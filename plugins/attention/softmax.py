@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 from typing import Literal
 
 import torch
@@ -56,22 +57,47 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, kerne
     """SDPA on [B, M, H, d] tensors -> [B, M, H, d]: cuDNN first on CUDA, or the one `kernel` given."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, M, d]
     if kernel == "auto":
-        backends = cuda_sdpa_backends() if q.is_cuda else contextlib.nullcontext()
-    else:
-        backends = sdpa_kernel([KERNELS[kernel]])
-    with backends:
+        with cuda_sdpa_backends() if q.is_cuda else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
+    refusal = f"softmax option kernel = {kernel!r}: SDPA's {kernel} kernel cannot run these inputs"
+    described = (
+        f"({q.device.type}, {str(q.dtype).removeprefix('torch.')}, head dim {q.shape[-1]}"
+        f"{', with a mask' if attn_mask is not None else ''}); choices: auto (the first kernel that accepts "
+        f"them), {', '.join(KERNELS)}"
+    )
+    if not kernel_accepts(kernel, q.shape[-1], q.dtype, str(q.device), attn_mask is not None):
+        raise ConfigError(f"{refusal} {described}")  # checked before tracing reaches SDPA (compile)
+    with sdpa_kernel([KERNELS[kernel]]):
         try:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        except RuntimeError as err:
-            if kernel == "auto" or not is_no_kernel_error(err):
+        except RuntimeError as err:  # refused for these sizes (the probe used small ones)
+            if not is_no_kernel_error(err):
                 raise
-            raise ConfigError(
-                f"softmax option kernel = {kernel!r}: SDPA's {kernel} kernel cannot run these inputs "
-                f"({q.device.type}, {str(q.dtype).removeprefix('torch.')}, head dim {q.shape[-1]}"
-                f"{', with a mask' if attn_mask is not None else ''}); choices: auto (the first kernel "
-                f"that accepts them), {', '.join(KERNELS)}"
-            ) from err
+            raise ConfigError(f"{refusal} {described}") from err
     return o.transpose(1, 2)  # [B, M, H, d]
+
+
+_ACCEPTS: dict[tuple[str, int, torch.dtype, str, bool], bool] = {}  # kernel_accepts' answers
+
+
+@torch.compiler.assume_constant_result  # run at trace time, its answer a constant of the graph (compile)
+def kernel_accepts(kernel: str, head_dim: int, dtype: torch.dtype, device: str, masked: bool) -> bool:
+    """Whether SDPA's `kernel` alone runs a small call of this head dim, dtype, device and masking
+    (probed once per combination)."""
+    key = (kernel, head_dim, dtype, device, masked)
+    if key not in _ACCEPTS:
+        q = torch.zeros(1, 1, 16, head_dim, dtype=dtype, device=device)
+        mask = torch.ones(16, 16, dtype=torch.bool, device=device) if masked else None
+        with sdpa_kernel([KERNELS[kernel]]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SDPA's per-kernel reasons for refusing
+            try:
+                F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+                _ACCEPTS[key] = True
+            except RuntimeError as err:
+                if not is_no_kernel_error(err):
+                    raise
+                _ACCEPTS[key] = False
+    return _ACCEPTS[key]
 
 
 def is_no_kernel_error(err: RuntimeError) -> bool:
