@@ -69,9 +69,22 @@ class OwnFFNAttention(SelfAttention):
         return TokenMixer(dim, hidden)
 
 
+class HalfOnlyAttention(SelfAttention):
+    """Refuses fp32 with a ConfigError, as softmax with kernel = flash or cudnn does on a GPU."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx, x: Tensor) -> Tensor:
+        if q.dtype == torch.float32:
+            raise ConfigError("half-only-test: fp32 refused")
+        return sdpa(q, k, v)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx, x: Tensor) -> Tensor:
+        return sdpa(q, k, v)
+
+
 class BenchTestPlugin:
     @hookimpl
     def register_attention(self, register):
+        register("half-only-test", HalfOnlyAttention, summary="refuses fp32 (test)")
         register("broken-test", BrokenAttention, summary="raises in attend (test)")
         register("oom-test", OutOfMemoryAttention, summary="runs out of memory (test)")
         register("own-ffn-test", OwnFFNAttention, summary="brings its own FFN (test)")
@@ -196,6 +209,21 @@ def test_failing_cells_are_recorded_and_the_sweep_goes_on(tmp_path, test_backend
     assert "deliberately broken" in result.output
 
 
+def test_a_backend_refusing_fp32_is_checked_in_the_sweeps_dtype_and_says_so(tmp_path, test_backends):
+    args = ["--attn", "half-only-test", "--tokens", "64", "--drop", "0", "--mode", "fwd", "--no-plot"]
+    result = run("bench", "attention", *args, *TINY, "--dtype", "bf16", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert record["status"] == "ok"
+    assert record["check_against"] == "reference (in bfloat16: the backend refused fp32)"
+    assert 0 < record["check"] < 3e-2  # bf16 rounding against the fp64 truth
+    result = run(
+        "bench", "attention", *args, *TINY, "--dtype", "fp32", "--out", tmp_path
+    )  # nothing to fall to
+    (record,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert record["check"] is None and "fp32 refused" in record["check_against"]
+
+
 def test_layer_scope_adds_projection_flops_and_times_a_backends_own_ffn(tmp_path, test_backends):
     args = ["--attn", "softmax,own-ffn-test", "--tokens", "64", "--drop", "0", "--mode", "fwd", "--no-plot"]
     result = run("bench", "attention", *args, "--scope", "layer", *TINY, "--out", tmp_path)
@@ -309,6 +337,8 @@ def test_out_of_memory_is_recognised_also_when_wrapped():
         (["--attn", "glga=softmax"], ["'glga' is a registered backend", "softmax-2=softmax"]),
         (["--attn", "mine=nope"], ["unknown attention 'nope'; choices:"]),
         (["--attn", "=softmax"], ["--attn '=softmax'", "LABEL=BACKEND"]),
+        (["--attn", "softmax=softmax"], ["the backend's own name", "softmax-2=softmax"]),
+        (["--attn", "glga.x=glga"], ["holds a '.'", "glga-2=glga"]),
         (["--attn", "mine=softmax", "--set", "mine.kernel=fa3"], ["mine", "kernel: Input should be 'auto'"]),
     ],
 )

@@ -222,6 +222,13 @@ def parse_backends(items: list[str]) -> tuple[list[str], dict[str, str]]:
             raise ConfigError(
                 f"--attn {item!r}: expected BACKEND or LABEL=BACKEND, e.g. softmax-flash=softmax"
             )
+        if sep and (label == name or "." in label):
+            why = (
+                "is the backend's own name"
+                if label == name
+                else "holds a '.', where --set LABEL.FIELD splits"
+            )
+            raise ConfigError(f"--attn {item!r}: the label {why}; e.g. {name}-2={name}")
         labels.append(label)
         if sep:
             variants[label] = name
@@ -303,7 +310,9 @@ def _context_on(ctx: TokenContext, device: torch.device) -> TokenContext:
 def check_backend(
     spec: SweepSpec, backend: str, drop: float, device: torch.device
 ) -> tuple[float | None, str]:
-    """(max relative error, what it was compared with) of attend in fp32 on `device` vs a CPU float64 truth."""
+    """(max relative error, what it was compared with) of attend in fp32 on `device` vs a CPU float64 truth;
+    in the sweep's dtype when the backend refuses fp32 with a ConfigError (softmax with kernel = flash or
+    cudnn), which the second element then says."""
     grid = check_grid(spec.grids)
     generator = torch.Generator().manual_seed(spec.seed)
     ctx = token_context(grid, spec.batch, drop, rope_table(grid, spec.head_dim), generator)
@@ -315,8 +324,20 @@ def check_backend(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores.*")  # fp32 on purpose
         truth = (reference if callable(reference) else truth_module.attend)(q, k, v, ctx, x)
-        q, k, v, x = (t.to(device=device, dtype=torch.float32) for t in (q, k, v, x))
-        out = module.attend(q, k, v, _context_on(ctx, device), x)
+        on_device = _context_on(ctx, device)
+
+        def attend_in(dtype: torch.dtype) -> Tensor:
+            qd, kd, vd, xd = (t.to(device=device, dtype=dtype) for t in (q, k, v, x))
+            return module.to(dtype).attend(qd, kd, vd, on_device, xd)
+
+        try:
+            out = attend_in(torch.float32)
+        except ConfigError:
+            dtype = spec.torch_dtype(device)
+            if dtype == torch.float32:
+                raise
+            out = attend_in(dtype)
+            against += f" (in {str(dtype).removeprefix('torch.')}: the backend refused fp32)"
     error = (out.double().cpu() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)
     return float(error), against
 
