@@ -9,6 +9,7 @@ builds q, k, v with the module's own `project` and applies its `proj`, so backen
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import attention_inputs
@@ -235,7 +236,7 @@ def test_fused_gated_glga_of_the_cuda_path_equals_the_reference(keep, linear_fp3
             q, k, v, pad(x, (0, 0, 0, rows)), block_mask, module.norm_global.weight,
             module.norm_local.weight, module.gate.weight, module.gate.bias, linear_fp32,
         )  # fmt: skip
-    torch.testing.assert_close(out[:, :m], expected, atol=1e-5, rtol=1e-5)  # the linear branch runs in fp32
+    torch.testing.assert_close(out[:, :m], expected, atol=1e-5, rtol=1e-5)  # linear_fp32: that branch in fp32
 
 
 def test_band_block_mask_is_built_once_per_token_context():
@@ -363,6 +364,15 @@ def test_glga_compiled_flex_matches_reference_on_cuda(dtype, gate_fn, linear_pre
     assert rel_err(band, exact) < tol
 
 
+@contextlib.contextmanager
+def dynamo_reset_after():
+    """Drop what was compiled inside (Inductor settings are not guards: a later call would reuse it)."""
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+
+
 def unfused_gated_glga(module: GLGAttention, q, k, v, ctx, x):
     """Eqs. (5)-(8) from the module's separate branches and an eager gate: no Inductor graph around
     the norms and the gate (only the band is compiled flex)."""
@@ -373,15 +383,18 @@ def unfused_gated_glga(module: GLGAttention, q, k, v, ctx, x):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("batch, keep", [(1, None), (2, None), (1, 8190)])
+@pytest.mark.parametrize("batch, keep", [(1, None), (2, None), (1, 8190)])  # 8,190: 75% dropped
 def test_fused_gated_glga_gradients_at_480p_match_the_unfused_branches(batch, keep):
     """The fused CUDA graph at XL's size (21 x 30 x 52 tokens, 16 heads x 72), one sample and two, with
-    Inductor's default settings (mix-order reduction on, as eager training runs it): its output and
-    every gradient (q, k, v, x, both norms' weights, the gate) against the unfused branches in fp32.
+    Inductor's default settings (mix-order reduction on, as eager training runs it), under bf16
+    autocast as XL trains: its output and every gradient (q, k, v, x, both norms' weights, the gate)
+    against the unfused branches, within bf16 rounding (the failures this guards against were 1e5x).
     Reductions of this size are where compiled XL blocks went wrong (docs/scaling.md); the small-grid
     tests above do not reach them."""
     import torch._inductor.config
 
+    if not hasattr(torch._inductor.config.triton, "mix_order_reduction"):
+        pytest.skip("this torch has no mix-order reduction")
     grid, dim, heads = (21, 30, 52), 1152, 16
     ctx = make_ctx(grid, batch=batch, keep=keep, head_dim=dim // heads, device="cuda")
     torch.manual_seed(7)
@@ -390,12 +403,13 @@ def test_fused_gated_glga_gradients_at_480p_match_the_unfused_branches(batch, ke
     inputs = [torch.randn(batch, m, heads, dim // heads, device="cuda") for _ in range(3)]
     inputs.append(torch.randn(batch, m, dim, device="cuda"))
     results = []
-    torch._dynamo.reset()
-    with torch._inductor.config.patch({"triton.mix_order_reduction": True}):
+    torch._dynamo.reset()  # gated_glga compiled here, under the setting below, and dropped after
+    with torch._inductor.config.patch({"triton.mix_order_reduction": True}), dynamo_reset_after():
         for attend in (module.attend, lambda q, k, v, c, x: unfused_gated_glga(module, q, k, v, c, x)):
             module.zero_grad(set_to_none=True)
             leaves = [t.clone().requires_grad_() for t in inputs]
-            out = attend(*leaves[:3], ctx, leaves[3])
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = attend(*(t.bfloat16() for t in leaves[:3]), ctx, leaves[3]).float()
             out.square().mean().backward()
             params = [
                 module.norm_global.weight,
@@ -406,7 +420,7 @@ def test_fused_gated_glga_gradients_at_480p_match_the_unfused_branches(batch, ke
             results.append([out.detach()] + [t.grad for t in leaves] + [p.grad.clone() for p in params])
     names = ["output", "q", "k", "v", "x", "norm_global", "norm_local", "gate.weight", "gate.bias"]
     for name, fused, unfused in zip(names, *results, strict=True):
-        assert rel_err(fused, unfused) < 1e-3, (name, rel_err(fused, unfused))
+        assert rel_err(fused, unfused) < 3e-2, (name, rel_err(fused, unfused))
 
 
 @pytest.mark.gpu
