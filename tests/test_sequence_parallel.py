@@ -219,13 +219,20 @@ def parity_worker(out: Path, cases: list[str]) -> None:
 
 
 def run_two_ranks(out: Path, cases: list[str]) -> None:
+    """Both ranks under torchrun, each one's output in its own log file: a failure shows every rank's
+    end (a rank that dies first, e.g. aborting, is the cause; the other's connection error follows)."""
+    logs = out / "torchrun_logs"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        __file__, str(out), ",".join(cases),
+        "--log-dir", str(logs), "--redirects", "3", __file__, str(out), ",".join(cases),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    if proc.returncode != 0:
+        ends = [
+            f"--- {log.relative_to(logs)}:\n{log.read_text()[-2500:]}" for log in sorted(logs.rglob("*.log"))
+        ]
+        raise AssertionError("\n".join([proc.stderr[-2000:], *ends]))
 
 
 @pytest.mark.slow
