@@ -109,7 +109,7 @@ class SweepSpec:
                 f"--attn softmax,softmax-flash=softmax --set softmax-flash.kernel=flash"
             )
         for label, name in self.variants.items():
-            if label != name and label in registry.names():
+            if label in registry.names():
                 raise ConfigError(
                     f"--attn {label}={name}: '{label}' is a registered backend; a variant needs a label "
                     f"of its own, e.g. {name}-2={name}"

@@ -59,21 +59,15 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, kerne
     if kernel == "auto":
         with cuda_sdpa_backends() if q.is_cuda else contextlib.nullcontext():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
-    refusal = f"softmax option kernel = {kernel!r}: SDPA's {kernel} kernel cannot run these inputs"
-    described = (
-        f"({q.device.type}, {str(q.dtype).removeprefix('torch.')}, head dim {q.shape[-1]}"
-        f"{', with a mask' if attn_mask is not None else ''}); choices: auto (the first kernel that accepts "
-        f"them), {', '.join(KERNELS)}"
-    )
     if not kernel_accepts(kernel, q.shape[-1], q.dtype, str(q.device), attn_mask is not None):
-        raise ConfigError(f"{refusal} {described}")  # checked before tracing reaches SDPA (compile)
+        raise refused(kernel, q, attn_mask)  # checked before tracing reaches SDPA (compile)
     with sdpa_kernel([KERNELS[kernel]]):
         try:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         except RuntimeError as err:  # refused for these sizes (the probe used small ones)
             if not is_no_kernel_error(err):
                 raise
-            raise ConfigError(f"{refusal} {described}") from err
+            raise refused(kernel, q, attn_mask) from err
     return o.transpose(1, 2)  # [B, M, H, d]
 
 
@@ -98,6 +92,16 @@ def kernel_accepts(kernel: str, head_dim: int, dtype: torch.dtype, device: str, 
                     raise
                 _ACCEPTS[key] = False
     return _ACCEPTS[key]
+
+
+def refused(kernel: str, q: Tensor, attn_mask: Tensor | None) -> ConfigError:
+    """The error for a pinned kernel that cannot run q [B, H, M, d]: the option, the inputs, the choices."""
+    return ConfigError(
+        f"softmax option kernel = {kernel!r}: SDPA's {kernel} kernel cannot run these inputs "
+        f"({q.device.type}, {str(q.dtype).removeprefix('torch.')}, head dim {q.shape[-1]}"
+        f"{', with a mask' if attn_mask is not None else ''}); choices: auto (the first kernel that accepts "
+        f"them), {', '.join(KERNELS)}"
+    )
 
 
 def is_no_kernel_error(err: RuntimeError) -> bool:
