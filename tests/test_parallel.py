@@ -605,20 +605,3 @@ def test_the_training_need_splits_the_sharded_state_ema_included(tiny_model):
     whole = training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False).parts[key]
     sharded = training_need(tiny_model, (8, 32, 32), (3, 8, 32, 32), 4, False, shards=4).parts[key]
     assert whole == 20 * params and sharded == (20 * params) // 4
-
-
-def test_compile_with_glga_on_cuda_warns_of_its_measured_failure():
-    """The settings whose gradients blew up on a GPU are named before training, on CUDA only, with GLGA
-    only (FM + softmax compiled trained as eager did), and not with ac = full (trained as eager did)."""
-
-    def issue(ac: str, compile_: bool, device: str = "cuda", attention: str = "glga") -> str | None:
-        section = build_config({"parallel": {"ac": ac, "compile": compile_}}).parallel
-        return section.known_issue(device, attention)
-
-    for ac in ("off", "selective"):
-        assert "weak-path call" in issue(ac, True) and "--no-compile" in issue(ac, True)
-        assert "mix-order reduction" in issue(ac, True)  # the likely cause and its (unverified) fix
-        assert issue(ac, True, device="cpu") is None  # matched eager on the CPU
-        assert issue(ac, True, attention="softmax") is None
-        assert issue(ac, False) is None
-    assert issue("full", True) is None

@@ -28,7 +28,8 @@ def attend_and_reference(module: SoftmaxAttention, device: str, dtype: torch.dty
         q, k, v = module.project(x, ctx)
     results = []
     for fn, cast in ((module.attend, dtype), (module.reference, torch.float64)):
-        qi = q.to(cast).requires_grad_()
+        # a leaf of its own: the attend's and the reference's gradients are never one shared tensor
+        qi = q.detach().to(cast).clone().requires_grad_()
         o = fn(qi, k.to(cast), v.to(cast), ctx, x.to(cast))
         o.double().square().sum().backward()
         results.append((o.double(), qi.grad.double()))

@@ -63,19 +63,3 @@ class ParallelSection(BaseModel):
         """Whether global block `index` (encoder, middle, decoder order) is checkpointed."""
         every = self.checkpoint_every
         return every > 0 and index % every == 0
-
-    def known_issue(self, device_type: str, attention: str) -> str | None:
-        """A measured failure of these settings with this attention backend on `device_type`, to say
-        before training; None if none is known. Only what was measured: the suspected cause is not
-        GLGA's, but FM + softmax, the other compiled recipe measured, made no one-sample calls."""
-        if self.compile and device_type == "cuda" and attention == "glga" and self.ac != "full":
-            return (
-                f"compile with ac = {self.ac} and GLGA on CUDA: in the runs measured (XL, the EFlow recipe, "
-                "H200, torch 2.11) the gradient norm jumped to 1e6-2.5e6 on every step whose weak-path call "
-                "held one sample, where eager gave 3.6-6.8 on the same data. The likely cause, Inductor's "
-                "mix-order reduction (pytorch/pytorch#193061: wrong adaLN gradients at batch 1), is switched "
-                "off in compiled runs since 2026-12-01; that this fixes it is not yet verified on a GPU "
-                "(docs/scaling.md). --no-compile, or --ac full (its checkpointed GLGA blocks were not compiled "
-                "whole), trained as eager did"
-            )
-        return None

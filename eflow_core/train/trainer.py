@@ -185,9 +185,6 @@ class Trainer:
                 "unsharded; start it with torchrun --nproc-per-node N to shard over N GPUs",
                 highlight=False,
             )
-        issue = cfg.parallel.known_issue(self.device.type, cfg.model.attention)
-        if issue:
-            self.console.print(f"[yellow]warning:[/] {issue}", highlight=False)
         if self.parts.num_classes is not None:
             cfg.data.num_classes = self.parts.num_classes  # resolved: sampling needs no dataset
         self._fit_autoencoder()  # a no-op when config.json already carries the statistics (resume)
