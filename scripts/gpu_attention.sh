@@ -7,9 +7,9 @@
 # BRANCHES times GLGA's branches apart (before the side-by-side bench; SKIP_BENCH=1 skips that), e.g.
 #   SKIP_TESTS=1 SKIP_BENCH=1 BRANCHES="gated window linear sum" DROP=0,0.75 bash scripts/gpu_attention.sh
 # ATTN may hold variants (LABEL=BACKEND) and BENCH_SET their --set options, e.g. (issue 17's targets):
-#   SKIP_TESTS=1 ATTN=softmax,softmax-flash=softmax,glga,glga-bf16=glga \
-#     BENCH_SET="--set softmax-flash.kernel=flash --set glga-bf16.linear_precision=input" bash scripts/gpu_attention.sh
-# GLGA_SET adds glga options to the BRANCHES runs, e.g. GLGA_SET="--set glga.linear_precision=input" TAG=-lin16
+#   SKIP_TESTS=1 ATTN=softmax,softmax-flash=softmax,glga-fp32=glga,glga TOKENS=8190,32760,124800 \
+#     BENCH_SET="--set softmax-flash.kernel=flash --set glga-fp32.linear_precision=fp32" bash scripts/gpu_attention.sh
+# GLGA_SET adds glga options to the BRANCHES runs, e.g. GLGA_SET="--set glga.linear_precision=fp32" TAG=-fp32
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source scripts/gpu_setup.sh || exit 1

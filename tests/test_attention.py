@@ -280,12 +280,12 @@ def test_linear_branch_in_the_inputs_dtype_is_bf16_and_within_bf16_rounding():
 
 
 def test_glga_with_the_linear_branch_in_bf16_stays_close_to_fp32():
-    """The module's option: exact in fp64 (the reference), within bf16 rounding of the fp32 branch
+    """The module's default: exact in fp64 (the reference), within bf16 rounding of the fp32 branch
     under bf16 autocast (after the RMSNorm, which both run in fp32)."""
     module = perturbed(GLGAttention(DIM, HEADS, window_frames=2, linear_precision="input"))
     check_against_reference(module, make_ctx(keep=40), glga_reference)
-    fast = GLGAttention(DIM, HEADS, linear_precision="input")
-    exact = GLGAttention(DIM, HEADS)
+    fast = GLGAttention(DIM, HEADS)  # the default since 2026-12-01
+    exact = GLGAttention(DIM, HEADS, linear_precision="fp32")
     exact.load_state_dict(fast.state_dict())
     ctx, x = make_ctx(keep=30), torch.randn(BATCH, 30, DIM)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
