@@ -57,8 +57,9 @@ def register(app: typer.Typer) -> None:
         sp: Annotated[
             int,
             typer.Option(
-                help="Ulysses sequence parallelism under torchrun: the N processes of "
-                "`torchrun --nproc-per-node N` split every model call's tokens; rank 0 writes"
+                help="Ulysses sequence parallelism under torchrun: groups of N processes split every model "
+                "call's tokens (N must divide the process count; the groups take the batches in turn); "
+                "rank 0 writes"
             ),
         ] = 1,
     ) -> None:
@@ -109,7 +110,7 @@ def register(app: typer.Typer) -> None:
                 if tasks:
                     progress.stop()
             if not result.wrote:
-                return  # a rank 1.. of an --sp group: rank 0 reports
+                return  # a rank 1.. under torchrun: rank 0 reports
             from rich.markup import escape
 
             for note in result.notes:

@@ -18,7 +18,7 @@ noise of every batch (and a re-noising sampler's draws) come from that generator
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,11 +259,15 @@ class Pipeline:
         *,
         callback: StepCallback | None = None,
         generate: Callable[..., Tensor] = generate,
+        only: Container[int] | None = None,
     ) -> Iterator[tuple[int, Tensor]]:
         """(index of its first video, videos [b, C, T, H, W] in [-1, 1] on the CPU) for each batch of
-        `plan`, made by `generate` (eflow.sampling's; a caller may pass a wrapper of it)."""
+        `plan`, made by `generate` (eflow.sampling's; a caller may pass a wrapper of it). only: the
+        indices of the batches to make (default all); a batch's seed depends on its index alone."""
         parts, s = self.run.parts, plan.settings
         for b, start in enumerate(range(0, plan.num, plan.batch_size)):
+            if only is not None and b not in only:
+                continue
             stop = min(start + plan.batch_size, plan.num)
             videos = generate(
                 parts.model,

@@ -6,14 +6,17 @@ most batch_size videos is one batch). Here: the flags' checks, the grid (mp4, gi
 MAX_GRID videos, and with `each` every video as videos/NNNNNN.mp4. All files of one call replace the
 previous call's together (eflow.output_set).
 
-Under torchrun, `sample_run_dir(..., sp=N)` samples on N processes that form one Ulysses group
-(eflow.parallel.sequence): each rank loads the run, the model's blocks are split over the group, and
-every rank makes the same calls with the same noise and conditions (the same seeds on every rank), so
-each model call runs once, spread over the N ranks. Rank 0 alone decodes, writes and reports.
+Under torchrun with P processes, `sample_run_dir(..., sp=N)` samples on P / N groups of N ranks
+(a Share each). Within a group (Ulysses, eflow.parallel.sequence) the model's blocks are split over
+the N ranks, which make the same calls with the same noise and conditions, so each model call runs
+once, spread over them; the group's first rank decodes. The groups take the batches in turn (group g:
+batches g, g + P / N, ...); each batch's seed depends on its index alone, so the videos are one
+process's. After each round of batches rank 0 gathers the groups' videos and writes them, in order.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +45,7 @@ __all__ = [
     "DEFAULT_CAPTION",
     "MAX_GRID",
     "SampleResult",
+    "Share",
     "check_processes",
     "sample_run",
     "sample_run_dir",
@@ -62,10 +66,27 @@ class SampleResult:
     paths: dict[str, Path]  # mp4, gif, png (and videos/ with `each`); empty where nothing was written
     step: int  # the optimizer step of the weights sampled from
     weights: str  # "ema" or "model"
-    wrote: bool = True  # False on ranks 1.. of a sequence-parallel group: they decode and write nothing
+    wrote: bool = True  # False on ranks 1.. under torchrun: only rank 0 writes
     # wall time of generating and decoding the videos (no loading, no writing of samples.*)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # settings the run was not trained for (Plan.notes)
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's part of a sampling job: group `replica` of `replicas` (each samples batches
+    replica, replica + replicas, ...); decodes: the group's first rank (the others only join its model
+    calls); writes: rank 0 of the job, which gathers every group's videos. Share(): one process."""
+
+    replica: int = 0
+    replicas: int = 1
+    decodes: bool = True
+    writes: bool = True
+
+    @staticmethod
+    def of(world: World, sp: int) -> Share:
+        """Groups of `sp` consecutive ranks, as sequence_mesh's (dp, sp) mesh forms them."""
+        return Share(world.rank // sp, world.size // sp, world.rank % sp == 0, world.is_main)
 
 
 def check_flags(run: LoadedRun, label: int | None, captions: list[str] | None) -> None:
@@ -108,11 +129,11 @@ def sample_run(
     captions: list[str] | None = None,
     each: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
-    write: bool = True,
+    share: Share = Share(),
 ) -> SampleResult:
     """Sample `num` videos from `run` into `out_dir`; None flags take the run's sample section.
-    write=False (ranks 1.. of a sequence-parallel group): make the same model calls, decode and write
-    nothing, call no on_batch."""
+    share (under torchrun): this process's batches; a process that does not write makes its model
+    calls, hands its group's videos to rank 0 and calls no on_batch."""
     check_flags(run, label, captions)
     pipe = Pipeline(run)
     plan = pipe.plan(
@@ -133,20 +154,28 @@ def sample_run(
             "as its own mp4 (videos/000000.mp4, ...)"
         )
     result = SampleResult(
-        n, plan.sampler, settings.steps, settings.guidance, {}, run.step, run.weights, write, notes=plan.notes
+        n, plan.sampler, settings.steps, settings.guidance, {}, run.step, run.weights, share.writes
     )
+    batches = math.ceil(n / plan.batch_size)
+    result.notes = [*plan.notes, *idle_groups_note(batches, share.replicas, plan.batch_size)]
+    # this module's `generate`, looked up per call, so a caller can watch the batches
+    mine = pipe.batches(
+        plan,
+        generate=generate if share.decodes else _undecoded,
+        only=range(share.replica, batches, share.replicas),
+    )
+    rounds = (gathered(next(mine, None), share) for _ in range(math.ceil(batches / share.replicas)))
     grid: list[torch.Tensor] = []
     set_names = ("samples.mp4", "samples.gif", "samples.png", "videos")  # all a call may write
     with out_of_memory_named(f"sampling {plan.batch_size} videos on {run.device}"):
-        if not write:
-            for _ in pipe.batches(plan, generate=_undecoded):
-                continue  # the model calls are this rank's work; their latents are rank 0's to decode
+        if not share.writes:
+            for _ in rounds:
+                continue  # the model calls are this rank's work; its videos, rank 0's to write
             return result
         try:
             with output_set(out_dir, set_names) as stage:
                 started = time.perf_counter()
-                # this module's `generate`, looked up per call, so a caller can watch the batches
-                for start, videos in pipe.batches(plan, generate=generate):
+                for start, videos in (batch for done in rounds for batch in done):
                     if each:
                         for i, video in enumerate(videos, start=start):
                             write_mp4(stage / "videos" / f"{i:06d}.mp4", video, fps=settings.fps)
@@ -163,6 +192,28 @@ def sample_run(
     return result
 
 
+def gathered(batch: tuple[int, Tensor] | None, share: Share) -> list[tuple[int, Tensor]]:
+    """One round's batches, in order, on the writing rank: this process's `batch` (start, videos) or
+    None, and under torchrun every group's, gathered on rank 0 (the groups' first ranks send their
+    decoded videos, the others nothing); [] on the other ranks."""
+    if share.replicas == 1:
+        return [batch] if batch is not None and share.decodes else []
+    sent = batch if share.decodes else None
+    received: list[Any] | None = [None] * dist.get_world_size() if share.writes else None
+    dist.gather_object(sent, received, dst=0)
+    return sorted((b for b in received or [] if b is not None), key=lambda b: b[0])
+
+
+def idle_groups_note(batches: int, replicas: int, batch_size: int) -> list[str]:
+    """A note when there are fewer batches than groups of processes to sample them."""
+    if batches >= replicas:
+        return []
+    return [
+        f"{batches} batch(es) of up to {batch_size} videos for {replicas} groups of processes: "
+        f"{replicas - batches} group(s) sample nothing; a smaller --batch-size spreads the videos"
+    ]
+
+
 @contextmanager
 def out_of_memory_named(doing: str) -> Iterator[None]:
     """An out-of-memory error inside as one EflowError saying what ran out and to lower --batch-size."""
@@ -176,19 +227,16 @@ def out_of_memory_named(doing: str) -> Iterator[None]:
 
 # ----- sampling under torchrun ------------------------------------------------------------------------
 def check_processes(sp: int, processes: int) -> None:
-    """Sampling runs one sequence-parallel group: exactly `sp` processes (before any joins a group)."""
+    """Sampling runs processes / sp groups of sp ranks: sp must divide the process count (checked before
+    any process joins a group)."""
     if sp < 1:
         raise ConfigError(f"--sp {sp}: must be at least 1")
-    if processes == sp:
+    if processes % sp == 0:
         return
-    if sp == 1:
-        raise ConfigError(
-            f"eflow sample is running in {processes} processes (torchrun) with --sp 1: pass --sp {processes} "
-            "to split every model call over them, or run it without torchrun"
-        )
     raise ConfigError(
-        f"--sp {sp} needs exactly {sp} processes (one sequence-parallel group samples every video); this "
-        f"job has {processes}: run `torchrun --nproc-per-node {sp} -m eflow.cli.app sample RUN --sp {sp}`"
+        f"--sp {sp} needs a multiple of {sp} processes (groups of {sp} split each model call); this job "
+        f"has {processes}: run `torchrun --nproc-per-node {sp} -m eflow.cli.app sample RUN --sp {sp}`, or "
+        f"{2 * sp} processes for two groups taking the batches in turn"
     )
 
 
@@ -240,10 +288,10 @@ def sample_run_dir(
     **flags: Any,
 ) -> SampleResult:
     """`eflow sample RUN_DIR`: load the run and sample it into out_dir (default RUN_DIR/samples); flags:
-    sample_run's. sp > 1, under torchrun with sp processes: every rank joins the group, loads the run
-    and splits its model's tokens over the group (eflow.parallel.sequence); the ranks draw the same noise
-    and conditions (the same seeds), so the videos are one process's; rank 0 alone decodes and writes,
-    the result of every other rank has wrote=False and no paths."""
+    sample_run's. Under torchrun with P processes (a multiple of sp): every rank joins the job and loads
+    the run; groups of sp ranks split their model's tokens (eflow.parallel.sequence, sp > 1) and take
+    the batches in turn (Share); the videos are one process's, rank 0 alone writes them, and the
+    result of every other rank has wrote=False and no paths."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_samples_dir(run_dir)
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -251,4 +299,4 @@ def sample_run_dir(
     with joined_world(device) as (world, device):
         run = load_run(run_dir, device, weights)
         split_over_group(run, world, sp)
-        return sample_run(run, out_dir, write=world.is_main, **flags)
+        return sample_run(run, out_dir, share=Share.of(world, sp), **flags)
