@@ -265,6 +265,11 @@ class Pipeline:
         `plan`, made by `generate` (eflow.sampling's; a caller may pass a wrapper of it). only: the
         indices of the batches to make (default all); a batch's seed depends on its index alone."""
         parts, s = self.run.parts, plan.settings
+        if only is not None and plan.generator is not None:
+            raise ConfigError(
+                "batches(only=...) needs a plan seeded by `seed`: with a `generator` every batch draws from "
+                "the one before it, so a batch made alone would differ"
+            )
         for b, start in enumerate(range(0, plan.num, plan.batch_size)):
             if only is not None and b not in only:
                 continue

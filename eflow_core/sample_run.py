@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from eflow.assembly import resolve_device
-from eflow.data.video_io import write_mp4
+from eflow.data.video_io import from_uint8, to_uint8, write_mp4
 from eflow.errors import ConfigError, EflowError
 from eflow.loaded_run import LoadedRun, load_run
 from eflow.memory_budget import is_out_of_memory, out_of_memory_message
@@ -47,6 +47,8 @@ __all__ = [
     "SampleResult",
     "Share",
     "check_processes",
+    "gathered",
+    "idle_groups_note",
     "sample_run",
     "sample_run_dir",
     "split_over_group",
@@ -195,13 +197,17 @@ def sample_run(
 def gathered(batch: tuple[int, Tensor] | None, share: Share) -> list[tuple[int, Tensor]]:
     """One round's batches, in order, on the writing rank: this process's `batch` (start, videos) or
     None, and under torchrun every group's, gathered on rank 0 (the groups' first ranks send their
-    decoded videos, the others nothing); [] on the other ranks."""
+    decoded videos, the others nothing); [] on the other ranks. The videos travel as the uint8 frames
+    the files hold (a quarter of the floats' bytes) and arrive as floats that write the same bytes."""
     if share.replicas == 1:
         return [batch] if batch is not None and share.decodes else []
-    sent = batch if share.decodes else None
+    sent = None
+    if batch is not None and share.decodes:
+        sent = (batch[0], torch.from_numpy(to_uint8(batch[1])))  # [b, T, H, W, C]
     received: list[Any] | None = [None] * dist.get_world_size() if share.writes else None
     dist.gather_object(sent, received, dst=0)
-    return sorted((b for b in received or [] if b is not None), key=lambda b: b[0])
+    frames = sorted((b for b in received or [] if b is not None), key=lambda b: b[0])
+    return [(start, from_uint8(u)) for start, u in frames]
 
 
 def idle_groups_note(batches: int, replicas: int, batch_size: int) -> list[str]:

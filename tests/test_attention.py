@@ -347,7 +347,8 @@ def test_glga_compiled_flex_matches_reference_on_cuda(dtype, gate_fn, linear_pre
     grid, dim, heads = (8, 16, 16), 256, 4  # N = 2048; 75% dropped -> M = 512; radius 512
     ctx = make_ctx(grid, batch=2, keep=512, head_dim=dim // heads, device="cuda")
     torch.manual_seed(6)
-    reference = GLGAttention(dim, heads, gate_fn=gate_fn, impl="reference").cuda()
+    # the reference keeps the fp32 linear branch whatever the default: the bf16 branch is measured against it
+    reference = GLGAttention(dim, heads, gate_fn=gate_fn, impl="reference", linear_precision="fp32").cuda()
     flex = GLGAttention(dim, heads, gate_fn=gate_fn, impl="flex", linear_precision=linear_precision).cuda()
     flex.load_state_dict(reference.state_dict())
     x = torch.randn(2, 512, dim, device="cuda")

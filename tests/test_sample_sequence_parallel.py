@@ -24,6 +24,7 @@ from test_train import tiny_config
 from typer.testing import CliRunner
 
 from eflow.cli.app import app
+from eflow.data.video_io import from_uint8, to_uint8
 from eflow.errors import ConfigError
 from eflow.loaded_run import load_run
 from eflow.pipeline import Pipeline
@@ -169,6 +170,18 @@ def test_a_batch_sampled_on_its_own_is_the_same_batch(run_dir):
     assert [start for start, _ in every] == [0, 1, 2] and [start for start, _ in alone] == [1]
     torch.testing.assert_close(alone[0][1], every[1][1], rtol=0, atol=0)
     assert not torch.equal(every[0][1], every[1][1])
+    seeded_by_generator = pipe.plan(num=3, batch_size=1, steps=2, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ConfigError, match="needs a plan seeded by `seed`"):
+        next(pipe.batches(seeded_by_generator, only=[1]))
+
+
+def test_videos_sent_to_rank_0_as_uint8_write_the_same_bytes():
+    """gathered() sends the uint8 frames the files hold and rank 0 turns them back into floats: every
+    level u comes back as u, so the files are those of the floats one process writes."""
+    levels = torch.arange(256, dtype=torch.uint8).reshape(1, 4, 8, 8, 1).expand(1, 4, 8, 8, 3)
+    floats = from_uint8(levels)  # what gathered() hands the writer: [1, 3, 4, 8, 8] in [-1, 1]
+    assert floats.shape == (1, 3, 4, 8, 8) and floats.min() == -1 and floats.max() == 1
+    assert np.array_equal(to_uint8(floats), levels.numpy())
 
 
 def sp_worker(run_dir: Path, out: Path, flags: list[str]) -> None:

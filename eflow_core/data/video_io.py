@@ -34,6 +34,12 @@ def to_uint8(video: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -4, -1))
 
 
+def from_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """to_uint8's inverse on its levels: [B, T, H, W, C] uint8 -> [B, C, T, H, W] float in [-1, 1], which
+    to_uint8 maps back to the same bytes."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
 def _rgb_frames(video: torch.Tensor | np.ndarray, batched: bool) -> np.ndarray:
     """Any accepted input -> uint8 RGB [B, T, H, W, 3] (batched) or [T, H, W, 3]."""
     is_uint8 = (
