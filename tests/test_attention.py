@@ -254,12 +254,13 @@ def test_band_block_mask_is_built_once_per_token_context():
     assert first.band_mask(make_ctx(keep=30), padded=False) is not mask
 
 
-def test_linear_branch_is_fp32_under_bf16_autocast():
+def test_the_fp32_linear_branch_stays_fp32_under_bf16_autocast():
+    """linear_precision = 'fp32' (no longer GLGA's default): fp32 products whatever autocast says."""
     torch.manual_seed(5)
     q, k, v = (torch.randn(1, 512, 2, 16).bfloat16() for _ in range(3))
     exact = linear_attention_reference(q.double(), k.double(), v.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = linear_attention(q, k, v)
+        out = linear_attention(q, k, v, "fp32")
         bf16 = torch.einsum("bmhd,bhde->bmhe", q, torch.einsum("bmhd,bmhe->bhde", k, v))
     assert out.dtype == torch.float32
     assert bf16.dtype == torch.bfloat16  # what autocast would have done without the guard
