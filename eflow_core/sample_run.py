@@ -87,8 +87,12 @@ class Share:
 
     @staticmethod
     def of(world: World, sp: int) -> Share:
-        """Groups of `sp` consecutive ranks, as sequence_mesh's (dp, sp) mesh forms them."""
-        return Share(world.rank // sp, world.size // sp, world.rank % sp == 0, world.is_main)
+        """Groups of `sp` consecutive ranks: the data-parallel replicas training forms
+        (eflow.parallel.sequence.data_parallel_world, the (dp, sp) mesh's rows)."""
+        from eflow.parallel.sequence import data_parallel_world
+
+        replica = data_parallel_world(world, sp)
+        return Share(replica.rank, replica.size, world.rank % sp == 0, world.is_main)
 
 
 def check_flags(run: LoadedRun, label: int | None, captions: list[str] | None) -> None:
